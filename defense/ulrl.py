@@ -1,0 +1,300 @@
+"""ULRL: UnLearn and ReLearn.
+
+Min, Pham, Sun. "Unified Neural Backdoor Removal with Only Few Clean Samples through Unlearning and Relearning",
+arXiv 2405.14781 (IEEE T-IFS). Unlearn the clean subset by gradient ascent, find the neurons whose weights moved
+most (median-absolute-deviation outliers), re-initialise them in the original backdoored model and relearn the clean
+subset with a cosine penalty that pushes them away from their backdoored direction.
+
+    python defense/ulrl.py --result_file badnet_0_1 --yaml_path config/defense/ulrl/cifar10.yaml --dataset cifar10
+"""
+import math
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python defense/ulrl.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils.config import none_or_str, str2bool
+from utils.defense_setup import defense_parser, parse_defense_args, prepare_defense
+from utils.errors import UserError, run_cli
+from utils.models import classifier_head, cpu_state_dict
+from utils.reporting import (OutputFolder, der, plot_epochs, save_defense_result, setup_logger, summary_line,
+                             write_epoch_csvs, write_index, write_json, write_table)
+from utils.runtime import peak_memory_mib
+from utils.training import evaluate, grad_scaler, train_epoch
+
+DEFENSE = "ulrl"
+
+# The reference's config/defense/ulrl/config.yaml (= cifar10.yaml), plus this implementation's options.
+DEFAULTS = {
+    "yaml_path": "config/defense/ulrl/config.yaml",
+    "unlearning_epochs": 20, "unlearning_lr": 0.01, "lr_scheduler": "MultiStepLR", "steplr_milestones": [10, 20],
+    "steplr_gamma": 0.1, "clean_threshold": 0.2, "client_optimizer": "sgd", "sgd_momentum": 0.9, "wd": 0.0005,
+    "unlearning_grad_clip": 20.0, "init": True, "relearn_epochs": 20, "relearn_lr": 0.005, "relearn_alpha": 0.7,
+    "linear_name": None, "selection": "first", "max_neurons": 2, "mad_threshold": 3.5, "scope": "head",
+    "extra_bn_update": True, "ratio": 0.01, "batch_size": 128,
+}
+
+
+def build_parser():
+    parser = defense_parser("ULRL: unlearn, find the neurons that moved most, re-initialise them, relearn.")
+    add = parser.add_argument
+    add("--unlearning_epochs", type=int, help="at most this many unlearning epochs")
+    add("--unlearning_lr", type=float)
+    add("--lr_scheduler", type=str, choices=["MultiStepLR", "CosineAnnealingLR", "none"],
+        help="unlearning schedule, stepped per epoch")
+    add("--steplr_milestones", type=int, nargs="+", help="MultiStepLR milestones (epochs)")
+    add("--steplr_gamma", type=float)
+    add("--clean_threshold", type=float, help="stop unlearning once the epoch's training accuracy is <= this")
+    add("--client_optimizer", type=str, choices=["sgd"], help="unlearning optimizer (the reference uses SGD)")
+    add("--sgd_momentum", type=float)
+    add("--wd", type=float, help="unlearning weight decay")
+    add("--unlearning_grad_clip", type=float, help="clip the total gradient norm while unlearning")
+    add("--init", type=str2bool, help="re-initialise the selected neurons (false: keep them, only the penalty)")
+    add("--relearn_epochs", type=int)
+    add("--relearn_lr", type=float)
+    add("--relearn_alpha", type=float, help="weight of the cosine-similarity penalty")
+    add("--linear_name", type=none_or_str, help="qualified name of the classifier head (default: found)")
+    add("--selection", type=str, choices=["first", "top"],
+        help="which outliers to keep under the cap: lowest index first (reference) or largest z first")
+    add("--max_neurons", type=int, help="keep at most this many neurons per layer (0: no cap)")
+    add("--mad_threshold", type=float, help="outlier if the modified z-score exceeds this")
+    add("--scope", type=str, choices=["head", "all"],
+        help="score the head's rows (reference) or the output channels of every conv/linear layer")
+    add("--extra_bn_update", type=str2bool,
+        help="after each relearning step, one more train-mode forward pass (the reference's BatchNorm update)")
+    return parser
+
+
+def select_outliers(scores, threshold=3.5, max_neurons=2, selection="first"):
+    """Neurons whose weight-change score is a high outlier by the median-absolute-deviation test.
+
+    med = median(s) (torch's lower median), mad = median(|s - med|), z = |s - med| / (1.4826 mad);
+    outliers have z > threshold and s > med. `first` keeps them in ascending index order (the reference),
+    `top` by decreasing z; at most `max_neurons` are kept (0: all). Returns (selected indices, z).
+    """
+    scores = torch.as_tensor(scores)
+    median = torch.median(scores)
+    deviation = (scores - median).abs()
+    z = deviation / (1.4826 * torch.median(deviation))
+    outliers = [i for i in range(len(scores)) if bool(z[i] > threshold) and bool(scores[i] > median)]
+    if selection == "top":
+        outliers.sort(key=lambda i: -float(z[i]))
+    if max_neurons > 0:
+        outliers = outliers[:max_neurons]
+    return outliers, z
+
+
+def scored_layers(model, args, num_classes):
+    """{qualified name: module} of the layers whose output neurons are scored."""
+    if args.scope == "head":
+        name, head = classifier_head(model, num_classes, args.linear_name)
+        return {name: head}
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
+    if not layers:
+        raise UserError("--scope all: this model has no Conv2d or Linear layer to score")
+    return layers
+
+
+def weight_change_scores(before, after):
+    """L1 change of each output neuron's weights: sum over all but the first dimension (bias excluded)."""
+    return (after - before).abs().flatten(1).sum(1)
+
+
+def unlearn(setup, args, logger, generator):
+    """Gradient ascent on the clean subset until the epoch's running training accuracy <= clean_threshold."""
+    model = setup.model
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.unlearning_lr, momentum=args.sgd_momentum,
+                                weight_decay=args.wd)
+    scheduler = make_scheduler(optimizer, args)
+    scaler = grad_scaler(setup.device, args.amp)
+
+    def ascent(logits, labels, _model):
+        loss = F.cross_entropy(logits, labels)
+        return -loss, loss
+
+    rows, images = [], 0
+    epochs = tqdm(range(args.unlearning_epochs), desc="unlearning", disable=not args.progress, leave=False)
+    for epoch in epochs:
+        stats = train_epoch(model, setup.clean_subset, optimizer, batch_size=args.batch_size,
+                            augment=setup.augmentation, generator=generator, amp=args.amp, scaler=scaler,
+                            objective=ascent, grad_clip=args.unlearning_grad_clip)
+        if scheduler is not None:
+            scheduler.step()
+        images += stats.samples
+        stopping = stats.acc <= args.clean_threshold
+        rows.append(epoch_row(epoch, stats, setup, args, args.unlearning_epochs, force_eval=False))
+        epochs.set_postfix(train_acc=f"{stats.acc:.3f}")
+        logger.info(f"unlearning epoch {epoch}: clean-subset loss {stats.loss:.4f}, running train acc "
+                    f"{stats.acc:.4f} ({stats.seconds:.1f} s)")
+        if stopping:
+            logger.info(f"unlearning stopped after epoch {epoch}: train acc {stats.acc:.4f} <= {args.clean_threshold}")
+            break
+    else:
+        logger.info(f"unlearning ran all {args.unlearning_epochs} epochs without reaching train acc <= "
+                    f"{args.clean_threshold}")
+    return rows, images
+
+
+def make_scheduler(optimizer, args):
+    if args.lr_scheduler == "MultiStepLR":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(args.steplr_milestones),
+                                                    gamma=args.steplr_gamma)
+    if args.lr_scheduler == "CosineAnnealingLR":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.unlearning_epochs)
+    return None
+
+
+def epoch_row(epoch, stats, setup, args, total_epochs, force_eval):
+    """A per-epoch CSV row; test metrics only when this epoch is evaluated (--eval_every, or forced)."""
+    row = {"epoch": epoch, "batch": stats.batches, "train_epoch_loss_avg_over_batch": stats.loss,
+           "train_acc": stats.acc}
+    if force_eval or (args.eval_every and (epoch + 1) % args.eval_every == 0):
+        row.update(evaluate(setup.model, setup.eval_sets, args.eval_batch_size, args.amp))
+    return row
+
+
+def select_neurons(layers, before, args, logger):
+    """Per layer: weight-change scores, z-scores and the selected neurons. Returns {name: [indices]}, table rows."""
+    selected, table = {}, []
+    for name, module in layers.items():
+        scores = weight_change_scores(before[name], module.weight.detach().float())
+        chosen, z = select_outliers(scores.cpu(), args.mad_threshold, args.max_neurons, args.selection)
+        if chosen:
+            selected[name] = chosen
+        for index in range(len(scores)):
+            table.append({"layer": name, "neuron": index, "score": float(scores[index]), "z": float(z[index]),
+                          "selected": index in chosen})
+        if args.scope == "head" or chosen:
+            logger.info(f"{name}: weight-change scores " + ", ".join(f"{float(s):.4f}" for s in scores))
+            logger.info(f"{name}: selected neurons {chosen}")
+    return selected, table
+
+
+def reinitialise(model, selected, args):
+    """Redraw the selected neurons' weights from U(-sqrt(2/fan_in), sqrt(2/fan_in)) and zero their biases.
+    Returns [(weight parameter, neuron indices, their original weights)] for the cosine penalty."""
+    modules = dict(model.named_modules())
+    originals = []
+    with torch.no_grad():
+        for name, rows in selected.items():
+            module = modules[name]
+            index = torch.tensor(rows, device=module.weight.device)
+            originals.append((module.weight, index, module.weight[index].detach().clone()))
+            if not args.init:
+                continue
+            fan_in = module.weight[0].numel()
+            bound = math.sqrt(2.0 / fan_in)
+            module.weight[index] = torch.empty_like(module.weight[index]).uniform_(-bound, bound)
+            if module.bias is not None:
+                module.bias[index] = 0.0
+    return originals
+
+
+def relearn(setup, model, originals, args, logger, generator):
+    """Fine-tune everything on the clean subset with CE + alpha * sum_i cos(w_i, w_i_original)."""
+    setup.model = model
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.relearn_lr, momentum=args.sgd_momentum)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.relearn_epochs)
+    scaler = grad_scaler(setup.device, args.amp)
+
+    def penalised_loss(logits, labels, _model):
+        loss = F.cross_entropy(logits, labels)
+        for weight, index, original in originals:
+            loss = loss + args.relearn_alpha * F.cosine_similarity(
+                weight[index].flatten(1).float(), original.flatten(1).float(), dim=1).sum()
+        return loss, loss
+
+    def extra_forward(x, _y):
+        with torch.no_grad():
+            model(x)
+
+    rows, images = [], 0
+    epochs = tqdm(range(args.relearn_epochs), desc="relearning", disable=not args.progress, leave=False)
+    for epoch in epochs:
+        stats = train_epoch(model, setup.clean_subset, optimizer, batch_size=args.batch_size,
+                            augment=setup.augmentation, generator=generator, amp=args.amp, scaler=scaler,
+                            objective=penalised_loss, after_step=extra_forward if args.extra_bn_update else None)
+        scheduler.step()
+        images += stats.samples * (2 if args.extra_bn_update else 1)
+        rows.append(epoch_row(epoch, stats, setup, args, args.relearn_epochs, force_eval=False))
+        epochs.set_postfix(train_acc=f"{stats.acc:.3f}")
+        logger.info(f"relearning epoch {epoch}: loss {stats.loss:.4f}, train acc {stats.acc:.4f} "
+                    f"({stats.seconds:.1f} s)")
+    return rows, images
+
+
+def main(argv=None):
+    args = parse_defense_args(build_parser(), argv, DEFAULTS)
+    for name in ("unlearning_epochs", "relearn_epochs"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0")
+    started = time.perf_counter()
+    setup = prepare_defense(args)
+    output = setup.record.folder / "defense" / DEFENSE
+    with OutputFolder(output) as out:
+        logger = setup_logger(out.path, DEFENSE)
+        logger.info(f"ULRL on {setup.record.folder} ({setup.record.model_name}, {args.dataset}) on {setup.device}; "
+                    f"options: {vars(args)}")
+        write_index(out.path / "index.txt", setup.clean_indices)
+        write_index(out.path / "log" / "index.txt", setup.clean_indices)
+        generator = torch.Generator().manual_seed(args.random_seed)
+        seconds, images = dict(setup.seconds), {"load": 0}
+
+        tick = time.perf_counter()
+        before = evaluate(setup.model, setup.eval_sets, args.eval_batch_size, args.amp)
+        seconds["evaluate_before"], images["evaluate_before"] = time.perf_counter() - tick, setup.eval_sets.images()
+        logger.info("before: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+
+        tick = time.perf_counter()
+        layers = scored_layers(setup.model, args, setup.record.num_classes)
+        weights_before = {name: module.weight.detach().float().clone() for name, module in layers.items()}
+        unlearn_rows, images["unlearn"] = unlearn(setup, args, logger, generator)
+        selected, score_table = select_neurons(layers, weights_before, args, logger)
+        seconds["unlearn"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        model = setup.fresh_backdoored_model()  # the unlearned model is discarded; only the selection is kept
+        originals = reinitialise(model, selected, args)
+        if not selected:
+            logger.info("no neuron selected: relearning is plain fine-tuning")
+        relearn_rows, images["relearn"] = relearn(setup, model, originals, args, logger, generator)
+        seconds["relearn"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        after = evaluate(model, setup.eval_sets, args.eval_batch_size, args.amp)
+        seconds["evaluate_after"], images["evaluate_after"] = time.perf_counter() - tick, setup.eval_sets.images()
+        if relearn_rows:
+            relearn_rows[-1].update(after)
+        seconds["total"] = time.perf_counter() - started
+
+        save_defense_result(out.path, setup.record.model_name, setup.record.num_classes, cpu_state_dict(model))
+        for stem, rows in (("unlearn_df", unlearn_rows), ("relearn_df", relearn_rows)):
+            if rows:
+                plot_epochs(write_epoch_csvs(rows, out.path, stem), out.path, stem)
+        write_table(score_table, out.path / "neuron_scores.csv")
+        peak = peak_memory_mib()
+        for phase in ("load", "evaluate_before", "unlearn", "relearn", "evaluate_after"):
+            rate = images[phase] / seconds[phase] if images[phase] else 0.0
+            logger.info(f"phase {phase}: {seconds[phase]:.1f} s" + (f", {rate:.1f} images/s" if rate else ""))
+        logger.info(f"peak memory {peak:.0f} MiB")
+        write_json(out.path / "summary.json", {
+            "defense": DEFENSE, "record": setup.record.name, "model": setup.record.model_name,
+            "dataset": args.dataset, "device": str(setup.device), "before": before, "after": after,
+            "der": der(before, after), "selected": selected, "unlearning_epochs_run": len(unlearn_rows),
+            "seconds": seconds, "images": images, "peak_memory_mib": peak, "clean_samples": len(setup.clean_indices),
+        })
+        line = summary_line("ULRL", before, after, seconds["total"])
+        logger.info(line)
+    print(f"results in {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,1 @@
+"""Shared library of the toolkit: record I/O, datasets, models, training loop, metrics, configuration, reporting."""

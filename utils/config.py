@@ -1,0 +1,87 @@
+"""Configuration: argparse options merged with a YAML file, BackdoorBench style (command line > YAML > defaults).
+
+Unlike BackdoorBench, booleans and lists parse correctly on the command line (`--amp False` is False,
+`--steplr_milestones 10 20` is a list), and YAML strings are converted with the option's own type.
+"""
+import argparse
+from pathlib import Path
+
+import yaml
+
+from utils.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def str2bool(text):
+    """argparse type for booleans: true/false, yes/no, 1/0, on/off (any case)."""
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "1", "on", "t", "y"):
+        return True
+    if value in ("false", "no", "0", "off", "f", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def none_or_str(text):
+    """argparse type for an optional string: 'none', 'null' or '' mean None."""
+    return None if str(text).strip().lower() in ("", "none", "null") else text
+
+
+def read_yaml(path):
+    """A YAML mapping from `path` (relative to the working directory, else to the repository root)."""
+    candidate = Path(path)
+    if not candidate.is_file() and not candidate.is_absolute() and (REPO_ROOT / candidate).is_file():
+        candidate = REPO_ROOT / candidate
+    if not candidate.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(candidate.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {err}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of option: value, not {type(values).__name__}")
+    return values
+
+
+def _coerce(action, value, source):
+    """Convert a YAML value with the argparse action's type, so YAML and command line give the same types."""
+    if value is None or action.type is None:
+        return value
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    try:
+        if many:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [action.type(item) for item in items]
+        if isinstance(value, (list, tuple, dict)):
+            raise ValueError(f"expected one value, got {value!r}")
+        return action.type(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+        raise UserError(f"{source}: option {action.dest}: {err}") from None
+
+
+def parse_config(parser, argv, defaults):
+    """Parse `argv`, then merge: command-line values (not None) over the YAML file over `defaults`.
+
+    Every parser option must default to None, so that "not given" is distinguishable from a value.
+    Returns an argparse.Namespace with every key of defaults, of the YAML and of the parser.
+    """
+    args = parser.parse_args(argv)
+    given = {key: value for key, value in vars(args).items() if value is not None}
+    yaml_path = given.get("yaml_path", defaults.get("yaml_path"))
+    from_yaml = read_yaml(yaml_path) if yaml_path else {}
+    actions = {action.dest: action for action in parser._actions}
+    for key, value in list(from_yaml.items()):
+        if key in actions:
+            from_yaml[key] = _coerce(actions[key], value, yaml_path)
+    merged = dict(defaults)
+    merged.update(from_yaml)
+    merged.update(given)
+    for key in vars(args):
+        merged.setdefault(key, None)
+    merged["yaml_path"] = yaml_path
+    return argparse.Namespace(**merged)

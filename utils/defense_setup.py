@@ -1,0 +1,141 @@
+"""What every defense script does before its own algorithm: options, record, data, model, clean subset."""
+import argparse
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.config import none_or_str, parse_config, str2bool
+from utils.datasets import CleanSplit, dataset_info
+from utils.errors import UserError
+from utils.models import build_model, load_weights
+from utils.records import load_attack_record
+from utils.reporting import read_index
+from utils.runtime import pick_device, seed_everything
+from utils.tensor_data import Augmentation, DeviceImages
+from utils.training import EvalSets, prepare_model
+
+
+def defense_parser(description):
+    """The options every defense shares; each defaults to None so that YAML and defaults can fill it."""
+    parser = argparse.ArgumentParser(description=description)
+    add = parser.add_argument
+    add("--result_file", type=str, help="record folder name under --record_dir (or a path to the folder)")
+    add("--yaml_path", type=str, help="YAML config; command-line values override it")
+    add("--dataset", type=str, help="clean dataset of the record: cifar10, cifar100, gtsrb, tiny, mnist")
+    add("--dataset_path", type=str, help="folder holding <dataset>/ (default data)")
+    add("--download", type=str2bool, help="download the clean dataset if it is missing (cifar10/100, mnist)")
+    add("--record_dir", type=str, help="folder of attack records (default record)")
+    add("--trust_record", type=str2bool,
+        help="load records that need unrestricted unpickling (v1, in-memory images); can run code from the file")
+    add("--model", type=str, help="model name; must match the record's model_name")
+    add("--device", type=str, help="cpu, cuda, cuda:N (default: cuda when available)")
+    add("--ratio", type=float, help="share of the clean training split used by the defense")
+    add("--index", type=none_or_str, help="file of clean-subset indices (one per line) instead of sampling")
+    add("--random_seed", type=int, help="seed of python, numpy and torch")
+    add("--batch_size", type=int, help="training batch size")
+    add("--amp", type=str2bool, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    add("--eval_every", type=int, help="also evaluate the test sets every N epochs (0: only at phase ends)")
+    add("--eval_batch_size", type=int, help="batch size of evaluation")
+    add("--num_workers", type=int, help="accepted for BackdoorBench compatibility; data lives on the device")
+    add("--progress", type=str2bool, help="show progress bars")
+    return parser
+
+
+COMMON_DEFAULTS = {"dataset_path": "data", "record_dir": "record", "download": False, "trust_record": False,
+                   "device": None, "ratio": 0.01, "index": None, "random_seed": 0, "batch_size": 128, "amp": True,
+                   "eval_every": 0, "eval_batch_size": 256, "num_workers": 0, "progress": True}
+
+
+def parse_defense_args(parser, argv, defaults):
+    args = parse_config(parser, argv, {**COMMON_DEFAULTS, **defaults})
+    if not args.result_file:
+        raise UserError("--result_file is required (the record folder name under record/)")
+    if not 0 < args.ratio <= 1:
+        raise UserError(f"--ratio must be in (0, 1], got {args.ratio}")
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be a positive integer")
+    return args
+
+
+def clean_subset_indices(num_train, ratio, index_file=None):
+    """BackdoorBench's clean subset: random.sample(range(N), int(N * ratio)) from the seeded python random,
+    or the indices in `index_file`."""
+    if index_file:
+        indices = read_index(index_file)
+        bad = [i for i in indices if not 0 <= i < num_train]
+        if bad or not indices:
+            raise UserError(f"index file {index_file}: indices must be in [0, {num_train}); found {bad[:3] or 'none'}")
+        return indices
+    count = int(num_train * ratio)
+    if count < 1:
+        raise UserError(f"--ratio {ratio} of {num_train} training samples selects no sample")
+    return random.sample(range(num_train), count)
+
+
+@dataclass
+class DefenseSetup:
+    args: argparse.Namespace
+    record: object
+    device: torch.device
+    model: torch.nn.Module  # the backdoored model, on the device
+    original_state: dict  # the backdoored weights (CPU copy)
+    clean_indices: list
+    clean_subset: DeviceImages
+    augmentation: Augmentation
+    eval_sets: EvalSets
+    seconds: dict = field(default_factory=dict)
+
+    def fresh_backdoored_model(self):
+        """A new model with the original backdoored weights, on the device."""
+        model = build_model(self.record.model_name, self.record.num_classes, self.record.img_size)
+        return prepare_model(load_weights(model, self.original_state), self.device)
+
+
+def prepare_defense(args):
+    """Seed, load the record, check it against --dataset/--model, build the model, draw the clean subset and
+    put it and the test sets on the device."""
+    start = time.perf_counter()
+    seed_everything(args.random_seed)
+    device = pick_device(args.device)
+    record = load_attack_record(args.result_file, args.record_dir, trust=args.trust_record)
+    dataset = args.dataset or record.clean_data
+    if dataset != record.clean_data:
+        raise UserError(f"record {record.name} was made on {record.clean_data}, but --dataset is {dataset}")
+    info = dataset_info(dataset)
+    if tuple(record.img_size) != tuple(info.img_size):
+        raise UserError(f"record {record.name} has img_size {record.img_size}, but {dataset} images are "
+                        f"{info.img_size}")
+    if args.model and args.model != record.model_name:
+        raise UserError(f"--model {args.model} does not match the record's model {record.model_name}; "
+                        f"pass --model {record.model_name} (or leave it out)")
+    args.dataset, args.model = dataset, record.model_name
+    model = build_model(record.model_name, record.num_classes, record.img_size)
+    load_weights(model, record.state_dict, f"record {record.name}")
+    original_state = {key: value.clone() for key, value in model.state_dict().items()}
+    model = prepare_model(model, device)
+
+    train = CleanSplit(dataset, args.dataset_path, train=True, download=args.download)
+    indices = clean_subset_indices(len(train), args.ratio, args.index)
+    clean_subset = DeviceImages(train.images(indices), train.labels[indices], device, info.mean, info.std)
+
+    test = CleanSplit(dataset, args.dataset_path, train=False)
+    bd = record.bd_test
+    original = bd.original_labels
+    if (original < 0).any():  # v1 records may not store them: take them from the clean test set
+        original = test.labels[bd.original_indices]
+    bd_images = bd.images()
+    if bd_images.shape[1:] != tuple(info.img_size):
+        raise UserError(f"poisoned test images are {bd_images.shape[1:]}, expected {info.img_size} for {dataset}")
+    eval_sets = EvalSets(
+        clean_test=DeviceImages(test.images(), test.labels, device, info.mean, info.std),
+        bd_test=DeviceImages(bd_images, bd.bd_labels, device, info.mean, info.std, original=original),
+    )
+    setup = DefenseSetup(args, record, device, model, original_state, list(indices), clean_subset,
+                         Augmentation(crop_padding=4, flip=info.random_flip), eval_sets)
+    setup.seconds["load"] = time.perf_counter() - start
+    return setup

@@ -1,0 +1,154 @@
+"""One registry of classifiers (name -> constructor), with BackdoorBench's state_dict key names.
+
+`preactresnet18` is BackdoorBench's own network; every other name is the torchvision model of that name with
+`num_classes` set (vit models wrapped as `Sequential(Resize(224), vit)`, as BackdoorBench does).
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.errors import UserError
+
+MODELS = {}
+
+
+def register_model(name):
+    def decorate(constructor):
+        MODELS[name] = constructor
+        return constructor
+    return decorate
+
+
+class PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """BackdoorBench's PreAct-ResNet18: no BN after the stem, none after layer4, head named `linear`."""
+
+    def __init__(self, num_classes=10, in_channels=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        in_planes = 64
+        for index, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
+            setattr(self, f"layer{index}", nn.Sequential(PreActBlock(in_planes, planes, stride),
+                                                         PreActBlock(planes, planes, 1)))
+            in_planes = planes
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(torch.flatten(self.avgpool(out), 1))
+
+
+@register_model("preactresnet18")
+def preactresnet18(num_classes, img_size):
+    return PreActResNet18(num_classes=num_classes, in_channels=img_size[2])
+
+
+def _torchvision(name):
+    def build(num_classes, img_size):
+        import torchvision.models as tvm
+        model = getattr(tvm, name)(weights=None, num_classes=num_classes)
+        if img_size[2] == 1:
+            # torchvision stems take RGB: repeat a grey channel (a hook, so state_dict keys stay the same)
+            model.register_forward_pre_hook(lambda module, args: (args[0].expand(-1, 3, -1, -1),) + args[1:])
+        return model
+    return build
+
+
+for _name in ("resnet18", "resnet34", "resnet50", "vgg11", "vgg16", "vgg19", "vgg19_bn", "densenet121",
+              "densenet161", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+              "efficientnet_b3", "convnext_tiny", "regnet_y_400mf"):
+    register_model(_name)(_torchvision(_name))
+
+
+def _vit(name):
+    def build(num_classes, img_size):
+        import torchvision.models as tvm
+        import torchvision.transforms as T
+        vit = getattr(tvm, name)(weights=None, num_classes=num_classes)
+        stages = [T.Resize(224, antialias=True), vit]
+        if img_size[2] == 1:
+            stages.insert(1, _GreyToRGB())
+        return nn.Sequential(*stages)
+    return build
+
+
+class _GreyToRGB(nn.Module):
+    def forward(self, x):
+        return x.expand(-1, 3, -1, -1)
+
+
+for _name in ("vit_b_16",):
+    register_model(_name)(_vit(_name))
+
+
+def build_model(name, num_classes, img_size=(32, 32, 3)):
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}")
+    return MODELS[name](num_classes, tuple(img_size))
+
+
+def strip_module_prefix(state_dict):
+    """Keys of a DataParallel-trained state_dict without their `module.` prefix."""
+    return OrderedDict((key[len("module."):] if key.startswith("module.") else key, value)
+                       for key, value in state_dict.items())
+
+
+def load_weights(model, state_dict, what="the record"):
+    """Load strictly; a mismatch says which keys differ instead of torch's long traceback."""
+    state_dict = strip_module_prefix(state_dict)
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    wrong_shape = [key for key in expected if key in state_dict and tuple(state_dict[key].shape) != tuple(expected[key].shape)]
+    if missing or unexpected or wrong_shape:
+        details = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                details.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise UserError(f"the weights in {what} do not fit this model: " + "; ".join(details))
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def classifier_head(model, num_classes, name=None):
+    """(qualified name, module) of the final Linear layer: `name` if given, else the last Linear with
+    `num_classes` outputs in module order (linear, fc, classifier.6, 1.heads.head, ...)."""
+    modules = dict(model.named_modules())
+    if name:
+        if not isinstance(modules.get(name), nn.Linear):
+            linears = [key for key, module in modules.items() if isinstance(module, nn.Linear)]
+            raise UserError(f"no Linear layer named {name!r} in this model; its Linear layers: {', '.join(linears)}")
+        return name, modules[name]
+    heads = [(key, module) for key, module in modules.items()
+             if isinstance(module, nn.Linear) and module.out_features == num_classes]
+    if not heads:
+        raise UserError(f"no Linear layer with {num_classes} outputs found in this model: cannot locate its head")
+    return heads[-1]
+
+
+def cpu_state_dict(model):
+    """A contiguous CPU copy of the state_dict, as BackdoorBench saves it."""
+    return OrderedDict((key, value.detach().to("cpu").contiguous().clone()) for key, value in model.state_dict().items())

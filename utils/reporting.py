@@ -1,0 +1,153 @@
+"""Defense outputs in BackdoorBench's layout: the output folder, the log, per-epoch CSVs with their summaries,
+plots, defense_result.pt, DER and the final summary line."""
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from utils.errors import UserError
+
+EPOCH_COLUMNS = ["epoch", "batch", "train_epoch_loss_avg_over_batch", "train_acc", "clean_test_loss_avg_over_batch",
+                 "bd_test_loss_avg_over_batch", "test_acc", "test_asr", "test_ra"]
+METRICS = ("test_acc", "test_asr", "test_ra")
+
+
+class OutputFolder:
+    """Writes into a temporary sibling folder and moves it into place only when the run succeeds, so a failed or
+    interrupted run never leaves a half-written folder nor destroys the results of an earlier run."""
+
+    def __init__(self, final):
+        self.final = Path(final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, trace):
+        close_log_handlers(self.path)
+        if err is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return False
+        previous = None
+        if self.final.exists():
+            previous = self.final.with_name(f".{self.final.name}.previous-{int(time.time())}")
+            self.final.rename(previous)
+        self.path.rename(self.final)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+        self.path = self.final
+        return False
+
+
+def setup_logger(folder, name="defense"):
+    """Log to <folder>/log/<YYYY_mm_dd_HH_MM_SS>.log (everything) and to the console (INFO and above)."""
+    log_dir = Path(folder) / "log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger(f"{name}.{folder}")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    formatter = logging.Formatter("%(asctime)s [%(levelname)-8s] %(message)s", "%Y-%m-%d:%H:%M:%S")
+    file_handler = logging.FileHandler(log_dir / f"{time.strftime('%Y_%m_%d_%H_%M_%S')}.log")
+    file_handler.setFormatter(formatter)
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.INFO)
+    console.setFormatter(formatter)
+    logger.addHandler(file_handler)
+    logger.addHandler(console)
+    return logger
+
+
+def close_log_handlers(folder):
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and name.endswith(f".{folder}"):
+            for handler in list(logger.handlers):
+                handler.close()
+                logger.removeHandler(handler)
+
+
+def write_index(path, indices):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(f"{int(i)}\n" for i in indices))
+
+
+def read_index(path):
+    """Clean-subset indices from a file of one int per line (BackdoorBench's index.txt)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise UserError(f"cannot read index file {path}: {err.strerror}") from None
+    try:
+        return [int(line) for line in text.split() if line.strip()]
+    except ValueError:
+        raise UserError(f"index file {path} must hold one integer per line") from None
+
+
+def epoch_table(rows):
+    """DataFrame with BackdoorBench's per-epoch columns (NaN where a value was not measured)."""
+    return pd.DataFrame([{column: row.get(column, math.nan) for column in EPOCH_COLUMNS} for row in rows],
+                        columns=EPOCH_COLUMNS)
+
+
+def write_epoch_csvs(rows, folder, stem):
+    """<stem>.csv (one row per epoch) and <stem>_summary.csv (rows last, valid_max, exist_nan_value)."""
+    table = epoch_table(rows)
+    table.to_csv(Path(folder) / f"{stem}.csv", na_rep="nan_value")
+    summary = pd.DataFrame([table.iloc[-1], table.max(skipna=True), table.isna().any()],
+                           index=["last", "valid_max", "exist_nan_value"])
+    summary.to_csv(Path(folder) / f"{stem}_summary.csv", na_rep="nan_value")
+    return table
+
+
+def plot_epochs(table, folder, stem):
+    """<stem>_loss_plots.png and <stem>_acc_like_metric_plots.png over epochs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for suffix, columns in (("loss", ["train_epoch_loss_avg_over_batch", "clean_test_loss_avg_over_batch",
+                                      "bd_test_loss_avg_over_batch"]),
+                            ("acc_like_metric", ["train_acc", "test_acc", "test_asr", "test_ra"])):
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for column in columns:
+            values = table[column]
+            if values.notna().any():
+                axis.plot(table["epoch"], values, marker="o", label=column)
+        axis.set_xlabel("epoch")
+        axis.set_title(f"{stem}: {suffix.replace('_', ' ')}")
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(Path(folder) / f"{stem}_{suffix}_plots.png", dpi=100)
+        plt.close(figure)
+
+
+def der(before, after):
+    """Defense effectiveness rating: (max(0, dASR) - max(0, dACC) + 1) / 2."""
+    return (max(0.0, before["test_asr"] - after["test_asr"]) - max(0.0, before["test_acc"] - after["test_acc"]) + 1) / 2
+
+
+def summary_line(defense, before, after, seconds):
+    """ACC, ASR, RA before -> after, DER and seconds, in one line."""
+    parts = [f"{metric[5:].upper()} {before[metric]:.4f} -> {after[metric]:.4f}" for metric in METRICS]
+    return f"{defense}: " + ", ".join(parts) + f", DER {der(before, after):.4f}, {seconds:.1f} s"
+
+
+def save_defense_result(folder, model_name, num_classes, state_dict):
+    torch.save({"model_name": model_name, "num_classes": num_classes, "model": state_dict},
+               Path(folder) / "defense_result.pt")
+
+
+def write_table(rows, path):
+    """A list of dicts as a CSV without index column."""
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def write_json(path, values):
+    Path(path).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")

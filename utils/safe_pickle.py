@@ -1,0 +1,103 @@
+"""Reading torch/pickle files without running code from them: unpickling restricted to an explicit allow-list.
+
+BackdoorBench records hold only builtins, OrderedDict, torch tensors and numpy arrays/scalars (pickled under
+`numpy.core.multiarray` by numpy 1 and `numpy._core.multiarray` by numpy 2). Any other global, such as the PIL
+images inside v1 records or a crafted `os.system`, is refused before it is imported or called.
+This works the same on every torch from 2.1 on (torch's own weights_only allow-list is extensible only from 2.4).
+"""
+import codecs
+import collections
+import importlib
+import pickle
+import types
+
+import numpy as np
+import torch
+import torch._utils
+
+from utils.errors import UserError
+
+
+def _numpy_multiarray():
+    for name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError("numpy multiarray module not found")
+
+
+def _allowed_globals():
+    multiarray = _numpy_multiarray()
+    allowed = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("_codecs", "encode"): codecs.encode,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        ("torch", "Size"): torch.Size,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = multiarray._reconstruct
+        allowed[(module, "scalar")] = multiarray.scalar
+    # numpy >= 1.25 may name the per-type dtype classes (numpy.dtypes.Float64DType, ...)
+    dtype_classes = getattr(np, "dtypes", None)
+    if dtype_classes is not None:
+        for name in dir(dtype_classes):
+            if name.endswith("DType"):
+                allowed[("numpy.dtypes", name)] = getattr(dtype_classes, name)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                  torch.int16, torch.int8, torch.uint8, torch.bool):
+        allowed[("torch", str(dtype).split(".")[-1])] = dtype
+    return allowed
+
+
+ALLOWED_GLOBALS = _allowed_globals()
+
+
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """The file names a global outside the allow-list; `.name` is its dotted name."""
+
+    def __init__(self, name):
+        super().__init__(f"refused to load global {name}")
+        self.name = name
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise ForbiddenGlobal(f"{module}.{name}") from None
+
+
+def _restricted_load(file, **kwargs):
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
+# torch.load(pickle_module=...) needs a module-like object with Unpickler and load.
+restricted_pickle_module = types.ModuleType("restricted_pickle")
+restricted_pickle_module.Unpickler = RestrictedUnpickler
+restricted_pickle_module.load = _restricted_load
+restricted_pickle_module.__dict__["Pickler"] = pickle.Pickler
+
+
+def safe_torch_load(path, trust=False, trust_option="--trust_record"):
+    """torch.load of `path` through the allow-list (or unrestricted if `trust`). Errors become UserError."""
+    try:
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle_module)
+    except ForbiddenGlobal as err:
+        if err.name.startswith("PIL."):
+            why = (f"it pickles PIL images ({err.name}), as BackdoorBench v1 records and in-memory v2 records do")
+        else:
+            why = f"it asks to import {err.name}, which a BackdoorBench record never needs"
+        raise UserError(f"{path}: not loaded, because unpickling it could run code: {why}. "
+                        f"If you trust where this file came from, rerun with {trust_option}.") from None
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, KeyError,
+            IndexError, TypeError) as err:
+        raise UserError(f"{path}: cannot read it as a torch file (corrupt or not a record): {err}") from None
