@@ -27,7 +27,7 @@ from utils.models import classifier_head, cpu_state_dict
 from utils.reporting import (OutputFolder, der, plot_epochs, save_defense_result, setup_logger, summary_line,
                              write_epoch_csvs, write_index, write_json, write_table)
 from utils.runtime import peak_memory_mib
-from utils.training import evaluate, grad_scaler, train_epoch
+from utils.training import autocast, evaluate, grad_scaler, train_epoch
 
 DEFENSE = "ulrl"
 
@@ -156,7 +156,7 @@ def epoch_row(epoch, stats, setup, args, total_epochs, force_eval):
     row = {"epoch": epoch, "batch": stats.batches, "train_epoch_loss_avg_over_batch": stats.loss,
            "train_acc": stats.acc}
     if force_eval or (args.eval_every and (epoch + 1) % args.eval_every == 0):
-        row.update(evaluate(setup.model, setup.eval_sets, args.eval_batch_size, args.amp))
+        row.update(evaluate(setup.model, setup.eval_sets, args.eval_batch_size))
     return row
 
 
@@ -212,7 +212,7 @@ def relearn(setup, model, originals, args, logger, generator):
         return loss, loss
 
     def extra_forward(x, _y):
-        with torch.no_grad():
+        with torch.no_grad(), autocast(setup.device, args.amp):
             model(x)
 
     rows, images = [], 0
@@ -248,7 +248,7 @@ def main(argv=None):
         seconds, images = dict(setup.seconds), {"load": 0}
 
         tick = time.perf_counter()
-        before = evaluate(setup.model, setup.eval_sets, args.eval_batch_size, args.amp)
+        before = evaluate(setup.model, setup.eval_sets, args.eval_batch_size, args.progress)
         seconds["evaluate_before"], images["evaluate_before"] = time.perf_counter() - tick, setup.eval_sets.images()
         logger.info("before: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
 
@@ -268,7 +268,7 @@ def main(argv=None):
         seconds["relearn"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        after = evaluate(model, setup.eval_sets, args.eval_batch_size, args.amp)
+        after = evaluate(model, setup.eval_sets, args.eval_batch_size, args.progress)
         seconds["evaluate_after"], images["evaluate_after"] = time.perf_counter() - tick, setup.eval_sets.images()
         if relearn_rows:
             relearn_rows[-1].update(after)

@@ -48,11 +48,31 @@ def dataset_info(name):
     return DATASETS[name]
 
 
+def _numpy_frombuffer():
+    import importlib
+    for module in ("numpy._core.numeric", "numpy.core.numeric"):
+        try:
+            return importlib.import_module(module)._frombuffer
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
 def _unpickle_latin1(path):
     # The official CIFAR pickles are Python 2 pickles of plain lists and a uint8 numpy array.
     from utils.safe_pickle import RestrictedUnpickler
+
+    class CifarUnpickler(RestrictedUnpickler):
+        def find_class(self, module, name):
+            # Python 3's default pickle protocol (5) stores arrays through numpy's _frombuffer
+            if name == "_frombuffer" and module in ("numpy._core.numeric", "numpy.core.numeric"):
+                frombuffer = _numpy_frombuffer()
+                if frombuffer is not None:
+                    return frombuffer
+            return super().find_class(module, name)
+
     with open(path, "rb") as handle:
-        return RestrictedUnpickler(handle, encoding="latin1").load()
+        return CifarUnpickler(handle, encoding="latin1").load()
 
 
 def _cifar_arrays(files, label_key):
@@ -219,9 +239,10 @@ class CleanSplit:
     def images(self, indices=None):
         """uint8 array (N, H, W, C) of the samples at `indices` (all when None), in that order."""
         indices = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
-        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+        outside = indices[(indices < 0) | (indices >= len(self))]
+        if len(outside):
             raise UserError(f"{self.info.name} {'train' if self.train else 'test'} split has {len(self)} samples; "
-                            f"index {int(indices.max())} is out of range")
+                            f"index {int(outside[0])} is out of range")
         with _readable(self):
             return self._read_images(indices)
 

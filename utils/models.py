@@ -66,13 +66,17 @@ def preactresnet18(num_classes, img_size):
     return PreActResNet18(num_classes=num_classes, in_channels=img_size[2])
 
 
+def _grey_to_rgb(module, args):
+    return (args[0].expand(-1, 3, -1, -1),) + args[1:]
+
+
 def _torchvision(name):
     def build(num_classes, img_size):
         import torchvision.models as tvm
         model = getattr(tvm, name)(weights=None, num_classes=num_classes)
         if img_size[2] == 1:
             # torchvision stems take RGB: repeat a grey channel (a hook, so state_dict keys stay the same)
-            model.register_forward_pre_hook(lambda module, args: (args[0].expand(-1, 3, -1, -1),) + args[1:])
+            model.register_forward_pre_hook(_grey_to_rgb)
         return model
     return build
 
@@ -88,16 +92,12 @@ def _vit(name):
         import torchvision.models as tvm
         import torchvision.transforms as T
         vit = getattr(tvm, name)(weights=None, num_classes=num_classes)
-        stages = [T.Resize(224, antialias=True), vit]
+        model = nn.Sequential(T.Resize(224, antialias=True), vit)
         if img_size[2] == 1:
-            stages.insert(1, _GreyToRGB())
-        return nn.Sequential(*stages)
+            # a hook, not an extra stage, so the keys stay `1.*` and the head `1.heads.head`
+            model.register_forward_pre_hook(_grey_to_rgb)
+        return model
     return build
-
-
-class _GreyToRGB(nn.Module):
-    def forward(self, x):
-        return x.expand(-1, 3, -1, -1)
 
 
 for _name in ("vit_b_16",):

@@ -88,16 +88,20 @@ def load_attack_record(result_file, record_dir="record", trust=False):
                         f"missing {', '.join(missing)}")
     if raw["bd_test"] is None:
         raise UserError(f"{folder / 'attack_result.pt'} has no bd_test: cannot measure the backdoor")
+    try:
+        for name in ("bd_train", "bd_test"):
+            if raw[name] is not None and not isinstance(raw[name], dict):
+                raise TypeError(f"{name} is a {type(raw[name]).__name__}, not a dict")
+        fields = dict(model_name=str(raw["model_name"]), num_classes=int(raw["num_classes"]),
+                      state_dict=strip_module_prefix(raw["model"]), data_path=str(raw["data_path"]),
+                      img_size=tuple(int(v) for v in raw["img_size"]), clean_data=str(raw["clean_data"]))
+    except (TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"{folder / 'attack_result.pt'}: malformed record ({type(err).__name__}: {err})") from None
     version = "v1" if "x" in raw["bd_test"] else "v2"
     parse = _parse_v1_split if version == "v1" else _parse_v2_split
     return AttackRecord(
         folder=folder,
-        model_name=str(raw["model_name"]),
-        num_classes=int(raw["num_classes"]),
-        state_dict=strip_module_prefix(raw["model"]),
-        data_path=str(raw["data_path"]),
-        img_size=tuple(int(v) for v in raw["img_size"]),
-        clean_data=str(raw["clean_data"]),
+        **fields,
         bd_train=None if raw["bd_train"] is None else parse(raw["bd_train"], "bd_train", folder),
         bd_test=parse(raw["bd_test"], "bd_test", folder),
         version=version,

@@ -10,6 +10,7 @@ import collections
 import importlib
 import pickle
 import types
+import zipfile
 
 import numpy as np
 import torch
@@ -83,11 +84,26 @@ restricted_pickle_module.load = _restricted_load
 restricted_pickle_module.__dict__["Pickler"] = pickle.Pickler
 
 
+def _is_torchscript_archive(path):
+    """Whether torch.load would hand `path` to torch.jit.load, which runs the archive's TorchScript (e.g. its
+    __setstate__) without consulting the unpickler. Such archives hold a constants.pkl entry (torch's own test);
+    read with Python's zipfile so the check does not depend on torch internals. Non-zip files answer False."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def safe_torch_load(path, trust=False, trust_option="--trust_record"):
     """torch.load of `path` through the allow-list (or unrestricted if `trust`). Errors become UserError."""
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
+        if _is_torchscript_archive(path):
+            raise UserError(f"{path}: not loaded, because it is a TorchScript archive, whose code would run while "
+                            f"loading; a BackdoorBench record never is one. If you trust where this file came from, "
+                            f"rerun with {trust_option}.")
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle_module)
     except ForbiddenGlobal as err:
         if err.name.startswith("PIL."):
@@ -98,6 +114,7 @@ def safe_torch_load(path, trust=False, trust_option="--trust_record"):
                         f"If you trust where this file came from, rerun with {trust_option}.") from None
     except FileNotFoundError:
         raise UserError(f"file not found: {path}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, KeyError,
-            IndexError, TypeError) as err:
+    except UserError:
+        raise
+    except Exception as err:  # corrupt data surfaces as almost any exception (AssertionError, LookupError, ...)
         raise UserError(f"{path}: cannot read it as a torch file (corrupt or not a record): {err}") from None

@@ -87,14 +87,15 @@ def train_epoch(model, data, optimizer, *, batch_size, augment, generator, amp=F
 
 
 @torch.inference_mode()
-def predict(model, data, batch_size=256, amp=False):
-    """Eval-mode predictions and per-batch mean losses of `data` (against its labels)."""
+def predict(model, data, batch_size=256, progress=None):
+    """Eval-mode predictions and per-batch mean losses of `data` (against its labels), in full precision:
+    reported metrics must not depend on --amp (bfloat16 flips a few predictions of low-margin models)."""
     model.eval()
     predictions, batch_losses = [], []
-    for x, y in data.batches(batch_size):
-        with autocast(data.device, amp):
-            logits = model(x)
-        batch_losses.append(float(F.cross_entropy(logits.float(), y)))
+    for x, y in tqdm(data.batches(batch_size), total=-(-len(data) // batch_size), desc=progress, leave=False,
+                     disable=progress is None):
+        logits = model(x)
+        batch_losses.append(float(F.cross_entropy(logits, y)))
         predictions.append(logits.argmax(1))
     return torch.cat(predictions), batch_losses
 
@@ -109,11 +110,11 @@ class EvalSets:
         return len(self.clean_test) + len(self.bd_test)
 
 
-def evaluate(model, sets, batch_size=256, amp=False):
+def evaluate(model, sets, batch_size=256, progress=False):
     """test_acc (clean), test_asr (bd_test predicted as the backdoor label), test_ra (bd_test predicted as the
     original label) and mean batch losses, as BackdoorBench's metrics (fractions in [0, 1])."""
-    clean_pred, clean_losses = predict(model, sets.clean_test, batch_size, amp)
-    bd_pred, bd_losses = predict(model, sets.bd_test, batch_size, amp)
+    clean_pred, clean_losses = predict(model, sets.clean_test, batch_size, "clean test" if progress else None)
+    bd_pred, bd_losses = predict(model, sets.bd_test, batch_size, "poisoned test" if progress else None)
     return {
         "clean_test_loss_avg_over_batch": sum(clean_losses) / len(clean_losses),
         "bd_test_loss_avg_over_batch": sum(bd_losses) / len(bd_losses),
@@ -123,7 +124,7 @@ def evaluate(model, sets, batch_size=256, amp=False):
     }
 
 
-def accuracy(model, data, batch_size=256, amp=False):
+def accuracy(model, data, batch_size=256):
     """Eval-mode accuracy of `data` against its labels."""
-    predictions, _ = predict(model, data, batch_size, amp)
+    predictions, _ = predict(model, data, batch_size)
     return float((predictions == data.labels).float().mean())

@@ -1,0 +1,86 @@
+"""Configuration merging: command line > YAML > defaults, with correct booleans and lists."""
+import argparse
+
+import pytest
+
+from utils.config import parse_config, str2bool
+from utils.errors import UserError
+
+
+def _parser():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--yaml_path", type=str)
+    parser.add_argument("--init", type=str2bool)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--milestones", type=int, nargs="+")
+    parser.add_argument("--name", type=str)
+    return parser
+
+
+def _yaml(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_command_line_over_yaml_over_defaults(tmp_path):
+    path = _yaml(tmp_path, "lr: 0.5\nname: from_yaml\nextra_key: 7\n")
+    args = parse_config(_parser(), ["--yaml_path", path, "--name", "from_cli"],
+                        {"lr": 0.1, "name": "default", "init": True, "only_default": 3})
+    assert args.name == "from_cli"
+    assert args.lr == 0.5
+    assert args.init is True
+    assert args.only_default == 3
+    assert args.extra_key == 7
+    assert args.milestones is None
+
+
+@pytest.mark.parametrize("text,expected", [("False", False), ("false", False), ("0", False), ("no", False),
+                                           ("True", True), ("yes", True), ("1", True)])
+def test_booleans_parse_on_the_command_line(text, expected):
+    args = parse_config(_parser(), ["--init", text], {"init": not expected})
+    assert args.init is expected
+
+
+def test_bad_boolean_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(_parser(), ["--init", "maybe"], {})
+    assert exit_info.value.code == 2
+    assert "expected a boolean" in capsys.readouterr().err
+
+
+def test_lists_parse_on_the_command_line_and_in_yaml(tmp_path):
+    assert parse_config(_parser(), ["--milestones", "5", "15"], {}).milestones == [5, 15]
+    path = _yaml(tmp_path, "milestones: ['3', 9]\ninit: 'False'\nlr: '1e-3'\n")
+    args = parse_config(_parser(), ["--yaml_path", path], {})
+    assert args.milestones == [3, 9]
+    assert args.init is False
+    assert args.lr == pytest.approx(1e-3)
+    assert parse_config(_parser(), ["--yaml_path", _yaml(tmp_path, "milestones: 4\n")], {}).milestones == [4]
+
+
+def test_yaml_problems_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        parse_config(_parser(), ["--yaml_path", str(tmp_path / "missing.yaml")], {})
+    with pytest.raises(UserError, match="mapping"):
+        parse_config(_parser(), ["--yaml_path", _yaml(tmp_path, "- a\n- b\n")], {})
+    with pytest.raises(UserError, match="not valid YAML"):
+        parse_config(_parser(), ["--yaml_path", _yaml(tmp_path, "a: [1, 2\n")], {})
+    with pytest.raises(UserError, match="option lr"):
+        parse_config(_parser(), ["--yaml_path", _yaml(tmp_path, "lr: fast\n")], {})
+
+
+def test_shipped_ulrl_configs_hold_the_reference_values():
+    from helpers import load_script
+    ulrl = load_script("defense/ulrl.py")
+    for name, lr, alpha in (("config", 0.005, 0.7), ("cifar10", 0.005, 0.7), ("cifar100", 0.001, 0.001),
+                            ("gtsrb", 0.001, 0.001), ("tiny", 0.001, 0.001)):
+        args = ulrl.parse_defense_args(ulrl.build_parser(), ["--result_file", "x", "--yaml_path",
+                                                              f"config/defense/ulrl/{name}.yaml"], ulrl.DEFAULTS)
+        assert (args.relearn_lr, args.relearn_alpha) == (lr, alpha)
+        assert args.unlearning_epochs == 20 and args.relearn_epochs == 20 and args.steplr_milestones == [10, 20]
+        assert args.clean_threshold == 0.2 and args.ratio == 0.01 and args.init is True and args.amp is True
+        assert args.selection == "first" and args.max_neurons == 2 and args.scope == "head"
+    overridden = ulrl.parse_defense_args(ulrl.build_parser(), ["--result_file", "x", "--init", "False",
+                                                                "--steplr_milestones", "3", "6"], ulrl.DEFAULTS)
+    assert overridden.init is False and overridden.steplr_milestones == [3, 6]
