@@ -315,6 +315,48 @@ def test_corrupt_file_is_a_user_error(tmp_path, name):
     assert name in str(err.value)
 
 
+@pytest.mark.parametrize("name, file, gz", [
+    ("cifar10", "cifar-10-batches-py/test_batch", False),
+    ("cifar100", "cifar-100-python/test", False),
+    ("mnist", "MNIST/raw/t10k-images-idx3-ubyte", False),
+    ("mnist", "MNIST/raw/t10k-images-idx3-ubyte.gz", True),
+])
+def test_any_damage_to_a_data_file_is_a_user_error(tmp_path, name, file, gz):
+    """Truncated or bit-flipped files fail in many ways inside pickle/numpy/gzip (TypeError, LookupError,
+    zlib.error, OverflowError, ...): every one must end as a UserError, never a traceback."""
+    options = {"gz": gz} if name == "mnist" else {}
+    write_fixture(name, tmp_path / name, **options)
+    path = tmp_path / name / file
+    original = path.read_bytes()
+    rng = np.random.default_rng(7)
+    damaged = [original[:cut] for cut in (0, 1, 2, 5, 17, 60, len(original) // 2, len(original) - 1)]
+    for _ in range(150):
+        data = bytearray(original)
+        for position in rng.integers(0, min(len(data), 300), size=rng.integers(1, 4)):
+            data[position] = int(rng.integers(0, 256))
+        damaged.append(bytes(data))
+    escaped = []
+    for data in damaged:
+        path.write_bytes(data)
+        try:
+            CleanSplit(name, tmp_path, train=False).images()
+        except UserError:
+            pass
+        except Exception as err:  # noqa: BLE001 - the point is to catch everything else
+            escaped.append(f"{type(err).__name__}: {err}")
+    assert not escaped, escaped[:5]
+
+
+@pytest.mark.parametrize("content", [[1, 2, 3], {"data": "not pixels", "labels": [0]}, {"labels": [0, 1]}, None])
+def test_cifar_pickle_of_the_wrong_thing_is_a_user_error(tmp_path, content):
+    write_fixture("cifar10", tmp_path / "cifar10")
+    with open(tmp_path / "cifar10" / "cifar-10-batches-py" / "test_batch", "wb") as handle:
+        pickle.dump(content, handle, protocol=2)
+    with pytest.raises(UserError) as err:
+        CleanSplit("cifar10", tmp_path, train=False).images()
+    assert str(tmp_path / "cifar10") in str(err.value)
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_out_of_range_indices_are_user_errors(tmp_path, name):
     write_fixture(name, tmp_path / name)

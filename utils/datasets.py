@@ -6,7 +6,6 @@ Images come back as uint8 arrays (N, H, W, C) at the dataset's size, labels as i
 """
 import csv
 import gzip
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -257,7 +256,8 @@ class _readable:
         return self
 
     def __exit__(self, kind, err, trace):
-        if err is not None and isinstance(err, (OSError, KeyError, ValueError, IndexError, EOFError,
-                                                 pickle.UnpicklingError)):
-            raise UserError(f"cannot read {self.split.info.name} from {self.split.folder}: {err}") from None
+        # a corrupt file surfaces as almost any exception (TypeError, LookupError, MemoryError, ... from unpickling)
+        if isinstance(err, Exception) and not isinstance(err, UserError):
+            raise UserError(f"cannot read {self.split.info.name} from {self.split.folder}: "
+                            f"{type(err).__name__}: {err}") from None
         return False
