@@ -129,7 +129,7 @@ def unlearn(setup, args, logger, generator):
             scheduler.step()
         images += stats.samples
         stopping = stats.acc <= args.clean_threshold
-        rows.append(epoch_row(epoch, stats, setup, args, args.unlearning_epochs, force_eval=False))
+        rows.append(epoch_row(epoch, stats, setup, args))
         epochs.set_postfix(train_acc=f"{stats.acc:.3f}")
         logger.info(f"unlearning epoch {epoch}: clean-subset loss {stats.loss:.4f}, running train acc "
                     f"{stats.acc:.4f} ({stats.seconds:.1f} s)")
@@ -151,11 +151,11 @@ def make_scheduler(optimizer, args):
     return None
 
 
-def epoch_row(epoch, stats, setup, args, total_epochs, force_eval):
-    """A per-epoch CSV row; test metrics only when this epoch is evaluated (--eval_every, or forced)."""
+def epoch_row(epoch, stats, setup, args):
+    """A per-epoch CSV row; test metrics only on the epochs --eval_every asks for."""
     row = {"epoch": epoch, "batch": stats.batches, "train_epoch_loss_avg_over_batch": stats.loss,
            "train_acc": stats.acc}
-    if force_eval or (args.eval_every and (epoch + 1) % args.eval_every == 0):
+    if args.eval_every and (epoch + 1) % args.eval_every == 0:
         row.update(evaluate(setup.model, setup.eval_sets, args.eval_batch_size))
     return row
 
@@ -223,7 +223,7 @@ def relearn(setup, model, originals, args, logger, generator):
                             objective=penalised_loss, after_step=extra_forward if args.extra_bn_update else None)
         scheduler.step()
         images += stats.samples * (2 if args.extra_bn_update else 1)
-        rows.append(epoch_row(epoch, stats, setup, args, args.relearn_epochs, force_eval=False))
+        rows.append(epoch_row(epoch, stats, setup, args))
         epochs.set_postfix(train_acc=f"{stats.acc:.3f}")
         logger.info(f"relearning epoch {epoch}: loss {stats.loss:.4f}, train acc {stats.acc:.4f} "
                     f"({stats.seconds:.1f} s)")
