@@ -118,13 +118,18 @@ def evaluate(model, sets, batch_size=256, progress=False):
     return {
         "clean_test_loss_avg_over_batch": sum(clean_losses) / len(clean_losses),
         "bd_test_loss_avg_over_batch": sum(bd_losses) / len(bd_losses),
-        "test_acc": float((clean_pred == sets.clean_test.labels).float().mean()),
-        "test_asr": float((bd_pred == sets.bd_test.labels).float().mean()),
-        "test_ra": float((bd_pred == sets.bd_test.extra["original"]).float().mean()),
+        "test_acc": share_equal(clean_pred, sets.clean_test.labels),
+        "test_asr": share_equal(bd_pred, sets.bd_test.labels),
+        "test_ra": share_equal(bd_pred, sets.bd_test.extra["original"]),
     }
+
+
+def share_equal(predictions, labels):
+    """Exact share of equal entries (an integer count over the total, not a float32 mean)."""
+    return int((predictions == labels).sum()) / len(labels)
 
 
 def accuracy(model, data, batch_size=256):
     """Eval-mode accuracy of `data` against its labels."""
     predictions, _ = predict(model, data, batch_size)
-    return float((predictions == data.labels).float().mean())
+    return share_equal(predictions, data.labels)
