@@ -19,3 +19,25 @@ def run_script(relative_path, *args, timeout=1200, cwd=REPO_ROOT):
     """Run `python <script> args...` (from the repository root by default); returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(REPO_ROOT / relative_path), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def write_synthetic_cifar10(folder, train_per_batch=40, test_count=60, seed=0):
+    """A small CIFAR-10 in the official layout (cifar-10-batches-py/, five training batches and test_batch).
+    Returns (train images NHWC, train labels, test images, test labels)."""
+    import pickle
+
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    root = folder / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    arrays = []
+    for name, count in [(f"data_batch_{i}", train_per_batch) for i in range(1, 6)] + [("test_batch", test_count)]:
+        data = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
+        labels = (np.arange(count) + len(arrays)) % 10
+        with open(root / name, "wb") as handle:
+            pickle.dump({"batch_label": name, "labels": [int(x) for x in labels], "data": data,
+                         "filenames": [f"{name}_{i}.png" for i in range(count)]}, handle, protocol=2)
+        arrays.append((data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels))
+    train_x = np.concatenate([a[0] for a in arrays[:5]])
+    train_y = np.concatenate([a[1] for a in arrays[:5]])
+    return train_x, train_y, arrays[5][0], arrays[5][1]

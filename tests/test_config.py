@@ -84,3 +84,17 @@ def test_shipped_ulrl_configs_hold_the_reference_values():
     overridden = ulrl.parse_defense_args(ulrl.build_parser(), ["--result_file", "x", "--init", "False",
                                                                 "--steplr_milestones", "3", "6"], ulrl.DEFAULTS)
     assert overridden.init is False and overridden.steplr_milestones == [3, 6]
+
+
+def test_two_yaml_files_merge_in_order(tmp_path):
+    parser = _parser()
+    parser.add_argument("--bd_yaml_path", type=str)
+    prototype = tmp_path / "prototype.yaml"
+    prototype.write_text("lr: 0.1\nname: prototype\nmilestones: [1]\n")
+    attack = tmp_path / "attack.yaml"
+    attack.write_text("name: attack\ninit: 'no'\n")
+    args = parse_config(parser, ["--yaml_path", str(prototype), "--bd_yaml_path", str(attack), "--lr", "0.3"],
+                        {"lr": 1.0, "name": "default", "init": True},
+                        yaml_options=("yaml_path", "bd_yaml_path"))
+    assert (args.lr, args.name, args.init, args.milestones) == (0.3, "attack", False, [1])
+    assert args.yaml_path == str(prototype) and args.bd_yaml_path == str(attack)

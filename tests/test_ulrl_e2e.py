@@ -70,7 +70,7 @@ def test_phase_csvs_summaries_and_plots(ulrl_run):
         assert 1 <= len(table) <= max_rows
         summary = pd.read_csv(folder / f"{stem}_summary.csv", index_col=0)
         assert list(summary.index) == ["last", "valid_max", "exist_nan_value"]
-        for suffix in ("loss", "acc_like_metric"):
+        for suffix in ("loss_metric", "acc_like_metric"):
             assert (folder / f"{stem}_{suffix}_plots.png").stat().st_size > 1000
     relearn = pd.read_csv(folder / "relearn_df.csv", index_col=0, na_values=["nan_value"])
     after = json.loads((folder / "summary.json").read_text())["after"]

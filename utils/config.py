@@ -64,24 +64,24 @@ def _coerce(action, value, source):
         raise UserError(f"{source}: option {action.dest}: {err}") from None
 
 
-def parse_config(parser, argv, defaults):
-    """Parse `argv`, then merge: command-line values (not None) over the YAML file over `defaults`.
+def parse_config(parser, argv, defaults, yaml_options=("yaml_path",)):
+    """Parse `argv`, then merge: command-line values (not None) over the YAML files over `defaults`.
 
-    Every parser option must default to None, so that "not given" is distinguishable from a value.
-    Returns an argparse.Namespace with every key of defaults, of the YAML and of the parser.
+    `yaml_options` name the options holding YAML paths, lowest priority first (attacks: the prototype YAML, then
+    the attack's own). Every parser option must default to None, so that "not given" is distinguishable from a
+    value. Returns an argparse.Namespace with every key of defaults, of the YAML files and of the parser.
     """
     args = parser.parse_args(argv)
     given = {key: value for key, value in vars(args).items() if value is not None}
-    yaml_path = given.get("yaml_path", defaults.get("yaml_path"))
-    from_yaml = read_yaml(yaml_path) if yaml_path else {}
     actions = {action.dest: action for action in parser._actions}
-    for key, value in list(from_yaml.items()):
-        if key in actions:
-            from_yaml[key] = _coerce(actions[key], value, yaml_path)
     merged = dict(defaults)
-    merged.update(from_yaml)
+    for option in yaml_options:
+        yaml_path = given.get(option, defaults.get(option))
+        from_yaml = read_yaml(yaml_path) if yaml_path else {}
+        for key, value in from_yaml.items():
+            merged[key] = _coerce(actions[key], value, yaml_path) if key in actions else value
+        merged[option] = yaml_path
     merged.update(given)
     for key in vars(args):
         merged.setdefault(key, None)
-    merged["yaml_path"] = yaml_path
     return argparse.Namespace(**merged)

@@ -90,15 +90,14 @@ def read_index(path):
         raise UserError(f"index file {path} must hold one integer per line") from None
 
 
-def epoch_table(rows):
+def epoch_table(rows, columns=EPOCH_COLUMNS):
     """DataFrame with BackdoorBench's per-epoch columns (NaN where a value was not measured)."""
-    return pd.DataFrame([{column: row.get(column, math.nan) for column in EPOCH_COLUMNS} for row in rows],
-                        columns=EPOCH_COLUMNS)
+    return pd.DataFrame([{column: row.get(column, math.nan) for column in columns} for row in rows], columns=columns)
 
 
-def write_epoch_csvs(rows, folder, stem):
+def write_epoch_csvs(rows, folder, stem, columns=EPOCH_COLUMNS):
     """<stem>.csv (one row per epoch) and <stem>_summary.csv (rows last, valid_max, exist_nan_value)."""
-    table = epoch_table(rows)
+    table = epoch_table(rows, columns)
     table.to_csv(Path(folder) / f"{stem}.csv", na_rep="nan_value")
     summary = pd.DataFrame([table.iloc[-1], table.max(skipna=True), table.isna().any()],
                            index=["last", "valid_max", "exist_nan_value"])
@@ -106,25 +105,28 @@ def write_epoch_csvs(rows, folder, stem):
     return table
 
 
-def plot_epochs(table, folder, stem):
-    """<stem>_loss_plots.png and <stem>_acc_like_metric_plots.png over epochs."""
+def plot_epochs(table, folder, stem=None):
+    """<stem>_loss_metric_plots.png and <stem>_acc_like_metric_plots.png over epochs (no prefix without stem,
+    as BackdoorBench names an attack's plots)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    for suffix, columns in (("loss", ["train_epoch_loss_avg_over_batch", "clean_test_loss_avg_over_batch",
+    for suffix, columns in (("loss_metric", ["train_epoch_loss_avg_over_batch", "clean_test_loss_avg_over_batch",
                                       "bd_test_loss_avg_over_batch"]),
                             ("acc_like_metric", ["train_acc", "test_acc", "test_asr", "test_ra"])):
         figure, axis = plt.subplots(figsize=(6, 4))
         for column in columns:
+            if column not in table:
+                continue
             values = table[column]
             if values.notna().any():
                 axis.plot(table["epoch"], values, marker="o", label=column)
         axis.set_xlabel("epoch")
-        axis.set_title(f"{stem}: {suffix.replace('_', ' ')}")
+        axis.set_title(f"{stem + ': ' if stem else ''}{suffix.replace('_', ' ')}")
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
         figure.tight_layout()
-        figure.savefig(Path(folder) / f"{stem}_{suffix}_plots.png", dpi=100)
+        figure.savefig(Path(folder) / f"{stem + '_' if stem else ''}{suffix}_plots.png", dpi=100)
         plt.close(figure)
 
 
