@@ -14,7 +14,7 @@ from utils.models import (MODELS, build_model, classifier_head, cpu_state_dict, 
 
 # the head each known model must report (a new registry entry without one here still gets the generic checks)
 EXPECTED_HEADS = {
-    "preactresnet18": "linear",
+    "preactresnet18": "linear", "airbench_cpu": "linear",
     "resnet18": "fc", "resnet34": "fc", "resnet50": "fc", "regnet_y_400mf": "fc",
     "vgg11": "classifier.6", "vgg16": "classifier.6", "vgg19": "classifier.6", "vgg19_bn": "classifier.6",
     "densenet121": "classifier", "densenet161": "classifier",

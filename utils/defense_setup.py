@@ -3,9 +3,7 @@ import argparse
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from utils.config import none_or_str, parse_config, str2bool

@@ -47,9 +47,10 @@ class OutputFolder:
         return False
 
 
-def setup_logger(folder, name="defense"):
-    """Log to <folder>/log/<YYYY_mm_dd_HH_MM_SS>.log (everything) and to the console (INFO and above)."""
-    log_dir = Path(folder) / "log"
+def setup_logger(folder, name="defense", subfolder="log"):
+    """Log to <folder>/<subfolder>/<YYYY_mm_dd_HH_MM_SS>.log (everything) and to the console (INFO and above).
+    BackdoorBench's defenses log under log/, its attacks in the record folder itself (subfolder "")."""
+    log_dir = Path(folder) / subfolder
     log_dir.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger(f"{name}.{folder}")
     logger.setLevel(logging.DEBUG)

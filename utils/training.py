@@ -1,11 +1,16 @@
-"""One training epoch and the ACC / ASR / RA evaluation, shared by every defense and attack."""
+"""One training epoch and the ACC / ASR / RA evaluation, shared by every defense and attack; `train_classifier`,
+the whole training run of an attack (optimizer, learning-rate schedule, epochs) from a recipe."""
 import contextlib
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from utils.errors import UserError
+from utils.tensor_data import DeviceImages
 
 
 def autocast(device, enabled):
@@ -103,8 +108,8 @@ def predict(model, data, batch_size=256, progress=None):
 @dataclass
 class EvalSets:
     """The clean test set and the poisoned test set (labels = backdoor labels; extra 'original' labels)."""
-    clean_test: "DeviceImages"
-    bd_test: "DeviceImages"
+    clean_test: DeviceImages
+    bd_test: DeviceImages
 
     def images(self):
         return len(self.clean_test) + len(self.bd_test)
@@ -133,3 +138,114 @@ def accuracy(model, data, batch_size=256):
     """Eval-mode accuracy of `data` against its labels."""
     predictions, _ = predict(model, data, batch_size)
     return share_equal(predictions, data.labels)
+
+
+# ---------------------------------------------------------------- a whole training run from a recipe
+
+SCHEDULES = ("CosineAnnealingLR", "OneCycle", "none")
+_EPOCH_KEYS = ("epoch", "batches", "samples", "loss", "train_acc", "seconds", "lr")
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """Every number of a training run, under BackdoorBench's option names (the keys of
+    config/attack/prototype/<dataset>.yaml)."""
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.01
+    lr_scheduler: str = "CosineAnnealingLR"  # CosineAnnealingLR (per epoch, T_max = epochs), OneCycle, none
+    warmup_epochs: float = 0.0  # OneCycle: linear warm-up from lr * warmup_start to lr, then linear decay to 0
+    warmup_start: float = 0.1  # OneCycle: the first batch's lr as a share of lr
+    sgd_momentum: float = 0.9
+    nesterov: bool = False
+    wd: float = 0.0005
+    label_smoothing: float = 0.0
+    amp: bool = False  # bfloat16 autocast on CPU, float16 (with a GradScaler) on CUDA
+    grad_clip: float = None
+    progress: bool = False
+
+    @classmethod
+    def from_options(cls, options):
+        """A recipe from an argparse Namespace, a dict or a recipe; keys it does not know are ignored, and missing
+        or None values keep the defaults above."""
+        if isinstance(options, cls):
+            return options
+        values = options if isinstance(options, dict) else vars(options)
+        known = {f.name for f in fields(cls)}
+        recipe = cls(**{key: value for key, value in values.items() if key in known and value is not None})
+        if recipe.lr_scheduler not in SCHEDULES:
+            raise UserError(f"lr_scheduler must be one of {', '.join(SCHEDULES)}, not {recipe.lr_scheduler!r}")
+        return recipe
+
+    def lr_factor(self, step, steps_per_epoch):
+        """The learning rate of optimizer step `step` (0-based) as a share of `lr`."""
+        total = self.epochs * steps_per_epoch
+        if self.lr_scheduler == "OneCycle":
+            warmup = self.warmup_epochs * steps_per_epoch
+            if step < warmup:
+                return self.warmup_start + (1 - self.warmup_start) * step / warmup
+            return max(0.0, (total - step) / max(total - warmup, 1))
+        if self.lr_scheduler == "CosineAnnealingLR":
+            # BackdoorBench steps CosineAnnealingLR(T_max=epochs) once per epoch
+            epoch = step // steps_per_epoch
+            return 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+        return 1.0
+
+
+def smoothed_cross_entropy(label_smoothing):
+    """A train_epoch objective: cross-entropy with label smoothing (the plain objective when 0)."""
+    if not label_smoothing:
+        return cross_entropy_objective
+
+    def objective(logits, labels, model):
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        return loss, loss
+    return objective
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse instead of returning each large block to the OS: by default every
+    activation above its mmap threshold is unmapped when freed and page-faulted back in on the next batch, which
+    on a virtual machine made CPU training up to 1.8x slower. Returns whether it applied (False without glibc)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def train_classifier(model, train_data, recipe, augment, generator, log=None, after_epoch=None):
+    """Train `model` (already on the device) on `train_data` (a DeviceImages) with SGD as `recipe` says (a
+    TrainingRecipe, or a Namespace / dict of the prototype YAML's options); returns one dict per epoch with epoch,
+    batches, samples, loss, train_acc, seconds and lr (its first batch's). `log` is a logger (or anything with
+    .info) for one line per epoch; after_epoch(epoch, row) runs after each epoch and may add metrics to its row."""
+    recipe = TrainingRecipe.from_options(recipe)
+    device = train_data.device
+    if device.type == "cpu":
+        keep_freed_memory()
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.sgd_momentum,
+                                weight_decay=recipe.wd, nesterov=recipe.nesterov and recipe.sgd_momentum > 0)
+    steps_per_epoch = -(-len(train_data) // recipe.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: recipe.lr_factor(step, steps_per_epoch))
+    scaler = grad_scaler(device, recipe.amp)
+    objective = smoothed_cross_entropy(recipe.label_smoothing)
+    history = []
+    for epoch in range(recipe.epochs):
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_epoch(model, train_data, optimizer, batch_size=recipe.batch_size, augment=augment,
+                            generator=generator, amp=recipe.amp, scaler=scaler, objective=objective,
+                            grad_clip=recipe.grad_clip, after_step=lambda x, y: schedule.step(),
+                            progress=f"epoch {epoch + 1}/{recipe.epochs}" if recipe.progress else None)
+        row = {"epoch": epoch, "batches": stats.batches, "samples": stats.samples, "loss": stats.loss,
+               "train_acc": stats.acc, "seconds": stats.seconds, "lr": lr}
+        history.append(row)
+        if after_epoch is not None:
+            after_epoch(epoch, row)
+        if log is not None:
+            log.info(f"epoch {epoch + 1}/{recipe.epochs}: loss {stats.loss:.4f}, train_acc {stats.acc:.4f}, "
+                     f"lr {lr:.4g}, {stats.seconds:.1f} s ({stats.samples / max(stats.seconds, 1e-9):.0f} img/s)"
+                     + "".join(f", {key} {value:.4f}" for key, value in row.items() if key not in _EPOCH_KEYS))
+    return history

@@ -1,0 +1,167 @@
+"""What every attack script does: options, clean data, poisoning, training, evaluation and the record.
+
+BackdoorBench's command line: `python attack/badnet.py --yaml_path config/attack/prototype/cifar10.yaml
+--bd_yaml_path config/attack/badnet/default.yaml --save_folder_name badnet_0_1` (command line > attack YAML >
+prototype YAML > defaults). The record is written to record/<save_folder_name>/ and never overwrites one.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.attack_record import NewRecordFolder, write_attack_record
+from utils.config import parse_config, str2bool
+from utils.datasets import CleanSplit, dataset_info
+from utils.errors import UserError
+from utils.models import build_model, cpu_state_dict
+from utils.poisoning import LABEL_TRANSFORMS, backdoor_labels, bd_test_indices, poison, train_poison_indices
+from utils.reporting import plot_epochs, setup_logger, write_epoch_csvs, write_json
+from utils.runtime import peak_memory_mib, pick_device, seed_everything
+from utils.tensor_data import Augmentation, DeviceImages
+from utils.training import EvalSets, accuracy, evaluate, prepare_model, train_classifier
+
+ATTACK_COLUMNS = ["epoch", "batch", "train_epoch_loss_avg_over_batch", "train_acc", "train_acc_clean_only",
+                  "train_asr_bd_only", "train_ra_bd_only", "clean_test_loss_avg_over_batch",
+                  "bd_test_loss_avg_over_batch", "test_acc", "test_asr", "test_ra"]
+
+DEFAULTS = {"dataset": "cifar10", "dataset_path": "data", "record_dir": "record", "model": "preactresnet18",
+            "epochs": 100, "batch_size": 128, "lr": 0.01, "lr_scheduler": "CosineAnnealingLR", "sgd_momentum": 0.9,
+            "wd": 0.0005, "nesterov": False, "label_smoothing": 0.0, "warmup_epochs": 0, "amp": False,
+            "random_seed": 0, "pratio": 0.1, "attack_target": 0, "attack_label_trans": "all2one", "device": None,
+            "eval_batch_size": 256, "progress": True, "download": False}
+
+
+def attack_parser(description):
+    parser = argparse.ArgumentParser(description=description)
+    add = parser.add_argument
+    add("--yaml_path", type=str, help="prototype YAML (training recipe), e.g. config/attack/prototype/cifar10.yaml")
+    add("--bd_yaml_path", type=str, help="attack YAML, e.g. config/attack/badnet/default.yaml")
+    add("--save_folder_name", type=str, help="record/<save_folder_name>/ (never overwritten)")
+    add("--record_dir", type=str, help="where record folders go (default record)")
+    add("--dataset", type=str)
+    add("--dataset_path", type=str)
+    add("--download", type=str2bool)
+    add("--model", type=str)
+    add("--epochs", type=int)
+    add("--batch_size", type=int)
+    add("--lr", type=float)
+    add("--lr_scheduler", type=str, choices=["CosineAnnealingLR", "OneCycle", "none"])
+    add("--warmup_epochs", type=float, help="OneCycle: epochs of linear warm-up")
+    add("--sgd_momentum", type=float)
+    add("--nesterov", type=str2bool)
+    add("--wd", type=float)
+    add("--label_smoothing", type=float)
+    add("--amp", type=str2bool, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    add("--random_seed", type=int)
+    add("--pratio", type=float, help="share of the training set poisoned")
+    add("--attack_target", type=int, help="target label (all2one)")
+    add("--attack_label_trans", type=str, choices=LABEL_TRANSFORMS)
+    add("--device", type=str)
+    add("--eval_batch_size", type=int)
+    add("--num_workers", type=int, help="accepted for BackdoorBench compatibility; data lives on the device")
+    add("--progress", type=str2bool)
+    return parser
+
+
+def parse_attack_args(parser, argv, attack_defaults):
+    args = parse_config(parser, argv, {**DEFAULTS, **attack_defaults}, yaml_options=("yaml_path", "bd_yaml_path"))
+    if not args.save_folder_name:
+        raise UserError("--save_folder_name is required (the record folder name under record/)")
+    if Path(args.save_folder_name).name != args.save_folder_name:
+        raise UserError("--save_folder_name must be a plain folder name, not a path")
+    info = dataset_info(args.dataset)
+    if not 0 <= args.attack_target < info.num_classes:
+        raise UserError(f"--attack_target must be in [0, {info.num_classes}) for {args.dataset}")
+    if args.epochs < 1:
+        raise UserError("--epochs must be at least 1")
+    return args
+
+
+def train_set_with_poison(train_images, train_labels, bd_train):
+    """The training set the attacker trains on: poisoned pixels and labels substituted at their indices."""
+    images, labels = train_images.copy(), np.asarray(train_labels, dtype=np.int64).copy()
+    images[bd_train.indices] = bd_train.images
+    labels[bd_train.indices] = bd_train.bd_labels
+    return images, labels
+
+
+def run_attack(args, apply_trigger=None, clean_label=False, attack_name="prototype"):
+    """Poison (unless `apply_trigger` is None: clean training), train, evaluate and write the record."""
+    started = time.perf_counter()
+    seed_everything(args.random_seed)
+    device = pick_device(args.device)
+    info = dataset_info(args.dataset)
+    final = Path(args.record_dir) / args.save_folder_name
+    with NewRecordFolder(final) as out:
+        logger = setup_logger(out.path, attack_name, subfolder="")
+        logger.info(f"{attack_name} -> {final} on {device}; options: {vars(args)}")
+        train = CleanSplit(args.dataset, args.dataset_path, train=True, download=args.download)
+        test = CleanSplit(args.dataset, args.dataset_path, train=False)
+        train_images, test_images = train.images(), test.images()
+        rng = np.random.default_rng(args.random_seed)
+
+        bd_train = bd_test = None
+        train_x, train_y = train_images, train.labels
+        if apply_trigger is not None:
+            train_bd_labels = train.labels if clean_label else backdoor_labels(
+                train.labels, args.attack_label_trans, args.attack_target, info.num_classes)
+            chosen = train_poison_indices(train.labels, args.pratio, args.attack_target, clean_label, rng)
+            bd_train = poison(train_images, train.labels, chosen, apply_trigger, train_bd_labels, len(train))
+            test_bd_labels = backdoor_labels(test.labels, args.attack_label_trans, args.attack_target,
+                                             info.num_classes)
+            bd_test = poison(test_images, test.labels, bd_test_indices(test.labels, args.attack_label_trans,
+                                                                        args.attack_target),
+                             apply_trigger, test_bd_labels, len(test))
+            train_x, train_y = train_set_with_poison(train_images, train.labels, bd_train)
+            logger.info(f"poisoned {len(bd_train.indices)} of {len(train)} training samples; bd_test holds "
+                        f"{len(bd_test.indices)} test samples")
+
+        model = prepare_model(build_model(args.model, info.num_classes, info.img_size), device)
+        train_data = DeviceImages(train_x, train_y, device, info.mean, info.std)
+        augmentation = Augmentation(crop_padding=4, flip=info.random_flip)
+        generator = torch.Generator().manual_seed(args.random_seed)
+        tick = time.perf_counter()
+        epochs = train_classifier(model, train_data, args, augmentation, generator, logger)
+        train_seconds = time.perf_counter() - tick
+
+        clean_test = DeviceImages(test_images, test.labels, device, info.mean, info.std)
+        rows = [{"epoch": e["epoch"], "batch": e["batches"], "train_epoch_loss_avg_over_batch": e["loss"],
+                 "train_acc": e["train_acc"]} for e in epochs]
+        if bd_test is not None:
+            bd_test_data = DeviceImages(bd_test.images, bd_test.bd_labels, device, info.mean, info.std,
+                                        original=bd_test.original_labels)
+            metrics = evaluate(model, EvalSets(clean_test, bd_test_data), args.eval_batch_size, args.progress)
+        else:
+            metrics = {"test_acc": accuracy(model, clean_test, args.eval_batch_size)}
+        rows[-1].update(metrics)
+        logger.info("final: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+        state_dict = cpu_state_dict(model)
+        if bd_train is None:
+            torch.save(state_dict, out.path / "clean_model.pth")
+        else:
+            write_attack_record(out.path, args.save_folder_name, model_name=args.model,
+                                num_classes=info.num_classes, state_dict=state_dict, clean_data=args.dataset,
+                                img_size=info.img_size, bd_train=bd_train, bd_test=bd_test,
+                                info={**vars(args), "attack": attack_name, "num_classes": info.num_classes,
+                                      "img_size": info.img_size, "save_path": f"./record/{args.save_folder_name}",
+                                      "terminal_info": sys.argv})
+        table = write_attack_tables(rows, out.path)
+        plot_epochs(table, out.path)
+        seconds = time.perf_counter() - started
+        write_json(out.path / "summary.json", {"attack": attack_name, "model": args.model, "dataset": args.dataset,
+                                                "device": str(device), "metrics": metrics, "epochs": len(epochs),
+                                                "train_seconds": train_seconds, "seconds": seconds,
+                                                "peak_memory_mib": peak_memory_mib()})
+        parts = [f"{key[5:].upper()} {value:.4f}" for key, value in metrics.items() if key.startswith("test_")]
+        logger.info(f"{attack_name}: " + ", ".join(parts) + f", {train_seconds:.1f} s training, {seconds:.1f} s")
+    print(f"record in {final}")
+    return 0
+
+
+def write_attack_tables(rows, folder):
+    """attack_df.csv and attack_df_summary.csv with BackdoorBench's attack columns."""
+    return write_epoch_csvs(rows, folder, "attack_df", columns=ATTACK_COLUMNS)
