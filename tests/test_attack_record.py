@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import SHARED_RECORDS
-from utils.attack_record import NewRecordFolder, write_attack_record
+from utils.attack_record import new_record_folder, write_attack_record
 from utils.errors import UserError
 from utils.models import build_model
 from utils.poisoning import backdoor_labels, poison, bd_test_indices, train_poison_indices
@@ -30,7 +30,7 @@ def _write(tmp_path, name="synthetic_badnet", trigger_name="badnet", label_trans
     bd_test = poison(test_x, test_y, test_idx, spec.apply, backdoor_labels(test_y, label_transform, 0, 10),
                      len(test_y))
     model = build_model("preactresnet18", 10)
-    with NewRecordFolder(tmp_path / "record" / name) as out:
+    with new_record_folder(tmp_path / "record" / name) as out:
         write_attack_record(out.path, name, model_name="preactresnet18", num_classes=10,
                             state_dict=model.state_dict(), clean_data="cifar10", img_size=(32, 32, 3),
                             bd_train=bd_train, bd_test=bd_test, info={"attack": trigger_name, "pratio": pratio})
@@ -115,7 +115,7 @@ def test_existing_record_is_never_overwritten(tmp_path):
 
 def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
-        with NewRecordFolder(tmp_path / "record" / "broken") as out:
+        with new_record_folder(tmp_path / "record" / "broken") as out:
             (out.path / "half.png").write_bytes(b"x")
             raise RuntimeError("crash while writing")
     assert list((tmp_path / "record").iterdir()) == []

@@ -5,8 +5,6 @@ root), bd_train_dataset/ and bd_test_dataset/ PNGs (<original_label>/<original_i
 train_poison_index_list.pickle. The folder is built aside and moved into place at the end; an existing folder is
 never overwritten.
 """
-import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.errors import UserError
+from utils.reporting import OutputFolder
 
 
 @dataclass
@@ -57,32 +55,10 @@ def write_split_pngs(folder, samples):
         save_png(target / f"{int(index)}.png", image)
 
 
-class NewRecordFolder:
-    """record/<name>/ built in a temporary sibling and renamed into place on success; refuses to overwrite."""
-
-    def __init__(self, final):
-        self.final = Path(final)
-        if self.final.exists():
-            raise UserError(f"{self.final} already exists: choose another --save_folder_name (records are never "
-                            "overwritten)")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, trace):
-        from utils.reporting import close_log_handlers
-        close_log_handlers(self.path)
-        if err is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return False
-        if self.final.exists():
-            shutil.rmtree(self.path, ignore_errors=True)
-            raise UserError(f"{self.final} appeared while the attack ran; this run's record was discarded")
-        self.path.rename(self.final)
-        self.path = self.final
-        return False
+def new_record_folder(final):
+    """record/<name>/ built aside and renamed into place on success; an existing record is never overwritten."""
+    return OutputFolder(final, replace=False,
+                        exists_hint=": choose another --save_folder_name (records are never overwritten)")
 
 
 def write_attack_record(folder, record_name, *, model_name, num_classes, state_dict, clean_data, img_size,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.attack_record import NewRecordFolder, write_attack_record
+from utils.attack_record import new_record_folder, write_attack_record
 from utils.config import parse_config, str2bool
 from utils.datasets import CleanSplit, dataset_info
 from utils.errors import UserError
@@ -95,7 +95,7 @@ def run_attack(args, apply_trigger=None, clean_label=False, attack_name="prototy
     device = pick_device(args.device)
     info = dataset_info(args.dataset)
     final = Path(args.record_dir) / args.save_folder_name
-    with NewRecordFolder(final) as out:
+    with new_record_folder(final) as out:
         logger = setup_logger(out.path, attack_name, subfolder="")
         logger.info(f"{attack_name} -> {final} on {device}; options: {vars(args)}")
         train = CleanSplit(args.dataset, args.dataset_path, train=True, download=args.download)

@@ -21,10 +21,16 @@ METRICS = ("test_acc", "test_asr", "test_ra")
 
 class OutputFolder:
     """Writes into a temporary sibling folder and moves it into place only when the run succeeds, so a failed or
-    interrupted run never leaves a half-written folder nor destroys the results of an earlier run."""
+    interrupted run never leaves a half-written folder nor destroys an earlier one. With `replace` a successful
+    run replaces an existing folder (a defense rerun); without it an existing folder is an error (attack records
+    are never overwritten)."""
 
-    def __init__(self, final):
+    def __init__(self, final, replace=True, exists_hint=""):
         self.final = Path(final)
+        self.replace = replace
+        self.exists_hint = exists_hint
+        if not replace and self.final.exists():
+            raise UserError(f"{self.final} already exists{exists_hint}")
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
 
@@ -38,6 +44,9 @@ class OutputFolder:
             return False
         previous = None
         if self.final.exists():
+            if not self.replace:
+                shutil.rmtree(self.path, ignore_errors=True)
+                raise UserError(f"{self.final} appeared while this run worked; its output was discarded")
             previous = self.final.with_name(f".{self.final.name}.previous-{int(time.time())}")
             self.final.rename(previous)
         self.path.rename(self.final)
