@@ -26,23 +26,19 @@ import torch  # noqa: E402
 
 from utils.config import parse_config, str2bool  # noqa: E402
 from utils.datasets import CleanSplit, dataset_info  # noqa: E402
+from utils.attack_run import train_set_with_poison  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.poisoning import backdoor_labels, bd_test_indices, poison, train_poison_indices  # noqa: E402
 from utils.models import MODELS, AirbenchCPU, build_model  # noqa: E402
 from utils.runtime import pick_device, seed_everything  # noqa: E402
 from utils.tensor_data import Augmentation, DeviceImages  # noqa: E402
+from utils.triggers import TRIGGERS  # noqa: E402
 from utils.training import (EvalSets, TrainingRecipe, accuracy, evaluate, prepare_model,  # noqa: E402
                             train_classifier)
 
 DEFAULTS = {"dataset": "cifar10", "dataset_path": "data", "model": "airbench_cpu", "random_seed": 0, "pratio": 0.1,
             "attack_target": 0, "poison": "badnet", "device": None, "eval_batch_size": 500, "threads": None,
             "progress": False}
-
-
-def badnet_patch(images):
-    """BackdoorBench's default BadNets trigger: the bottom-right 3x3 pixels white in every channel."""
-    images = images.copy()
-    images[:, -3:, -3:, :] = 255
-    return images
 
 
 def subset(data, count):
@@ -98,12 +94,15 @@ def main(argv=None):
     test_images, test_labels = test.images(), test.labels
     bd_test = None
     if args.poison == "badnet":
-        chosen = np.random.RandomState(args.random_seed).choice(len(train), round(args.pratio * len(train)),
-                                                                replace=False)
-        train_images[chosen] = badnet_patch(train_images[chosen])
-        train_labels[chosen] = args.attack_target
-        keep = np.flatnonzero(test_labels != args.attack_target)
-        bd_test = DeviceImages(badnet_patch(test_images[keep]), np.full(len(keep), args.attack_target), device,
+        # exactly what attack/badnet.py poisons (same selection rule and seeded generator)
+        apply_badnet = TRIGGERS["badnet"].apply
+        chosen = train_poison_indices(train_labels, args.pratio, args.attack_target, False,
+                                      np.random.default_rng(args.random_seed))
+        bd_train = poison(train_images, train_labels, chosen, apply_badnet,
+                          backdoor_labels(train_labels, "all2one", args.attack_target, info.num_classes), len(train))
+        train_images, train_labels = train_set_with_poison(train_images, train_labels, bd_train)
+        keep = bd_test_indices(test_labels, "all2one", args.attack_target)
+        bd_test = DeviceImages(apply_badnet(test_images[keep]), np.full(len(keep), args.attack_target), device,
                                info.mean, info.std, original=test_labels[keep])
         print(f"poisoned {len(chosen)} training samples; {len(keep)} poisoned test samples")
 
