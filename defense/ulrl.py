@@ -9,7 +9,6 @@ subset with a cosine penalty that pushes them away from their backdoored directi
 """
 import math
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python defense/ulrl.py`: make the repository root importable
@@ -21,13 +20,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils.config import none_or_str, str2bool
-from utils.defense_setup import defense_parser, parse_defense_args, prepare_defense
+from utils.defense_run import run_defense
+from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
-from utils.models import classifier_head, cpu_state_dict
-from utils.reporting import (OutputFolder, der, plot_epochs, save_defense_result, setup_logger, summary_line,
-                             write_epoch_csvs, write_index, write_json, write_table)
-from utils.runtime import peak_memory_mib
-from utils.training import autocast, evaluate, grad_scaler, train_epoch
+from utils.models import classifier_head
+from utils.reporting import write_table
+from utils.training import autocast, grad_scaler, train_epoch
 
 DEFENSE = "ulrl"
 
@@ -107,8 +105,9 @@ def weight_change_scores(before, after):
     return (after - before).abs().flatten(1).sum(1)
 
 
-def unlearn(setup, args, logger, generator):
+def unlearn(run):
     """Gradient ascent on the clean subset until the epoch's running training accuracy <= clean_threshold."""
+    setup, args = run.setup, run.args
     model = setup.model
     optimizer = torch.optim.SGD(model.parameters(), lr=args.unlearning_lr, momentum=args.sgd_momentum,
                                 weight_decay=args.wd)
@@ -119,27 +118,28 @@ def unlearn(setup, args, logger, generator):
         loss = F.cross_entropy(logits, labels)
         return -loss, loss
 
-    rows, images = [], 0
+    rows = []
     epochs = tqdm(range(args.unlearning_epochs), desc="unlearning", disable=not args.progress, leave=False)
     for epoch in epochs:
         stats = train_epoch(model, setup.clean_subset, optimizer, batch_size=args.batch_size,
-                            augment=setup.augmentation, generator=generator, amp=args.amp, scaler=scaler,
+                            augment=setup.augmentation, generator=run.generator, amp=args.amp, scaler=scaler,
                             objective=ascent, grad_clip=args.unlearning_grad_clip)
         if scheduler is not None:
             scheduler.step()
-        images += stats.samples
+        run.count_images("unlearn", stats.samples)
         stopping = stats.acc <= args.clean_threshold
-        rows.append(epoch_row(epoch, stats, setup, args))
+        rows.append(run.epoch_row(epoch, stats, model))
         epochs.set_postfix(train_acc=f"{stats.acc:.3f}")
-        logger.info(f"unlearning epoch {epoch}: clean-subset loss {stats.loss:.4f}, running train acc "
-                    f"{stats.acc:.4f} ({stats.seconds:.1f} s)")
+        run.logger.info(f"unlearning epoch {epoch}: clean-subset loss {stats.loss:.4f}, running train acc "
+                        f"{stats.acc:.4f} ({stats.seconds:.1f} s)")
         if stopping:
-            logger.info(f"unlearning stopped after epoch {epoch}: train acc {stats.acc:.4f} <= {args.clean_threshold}")
+            run.logger.info(f"unlearning stopped after epoch {epoch}: train acc {stats.acc:.4f} <= "
+                            f"{args.clean_threshold}")
             break
     else:
-        logger.info(f"unlearning ran all {args.unlearning_epochs} epochs without reaching train acc <= "
-                    f"{args.clean_threshold}")
-    return rows, images
+        run.logger.info(f"unlearning ran all {args.unlearning_epochs} epochs without reaching train acc <= "
+                        f"{args.clean_threshold}")
+    return rows
 
 
 def make_scheduler(optimizer, args):
@@ -149,15 +149,6 @@ def make_scheduler(optimizer, args):
     if args.lr_scheduler == "CosineAnnealingLR":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.unlearning_epochs)
     return None
-
-
-def epoch_row(epoch, stats, setup, args):
-    """A per-epoch CSV row; test metrics only on the epochs --eval_every asks for."""
-    row = {"epoch": epoch, "batch": stats.batches, "train_epoch_loss_avg_over_batch": stats.loss,
-           "train_acc": stats.acc}
-    if args.eval_every and (epoch + 1) % args.eval_every == 0:
-        row.update(evaluate(setup.model, setup.eval_sets, args.eval_batch_size))
-    return row
 
 
 def select_neurons(layers, before, args, logger):
@@ -197,9 +188,9 @@ def reinitialise(model, selected, args):
     return originals
 
 
-def relearn(setup, model, originals, args, logger, generator):
+def relearn(run, model, originals):
     """Fine-tune everything on the clean subset with CE + alpha * sum_i cos(w_i, w_i_original)."""
-    setup.model = model
+    setup, args = run.setup, run.args
     optimizer = torch.optim.SGD(model.parameters(), lr=args.relearn_lr, momentum=args.sgd_momentum)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.relearn_epochs)
     scaler = grad_scaler(setup.device, args.amp)
@@ -215,85 +206,48 @@ def relearn(setup, model, originals, args, logger, generator):
         with torch.no_grad(), autocast(setup.device, args.amp):
             model(x)
 
-    rows, images = [], 0
+    rows = []
     epochs = tqdm(range(args.relearn_epochs), desc="relearning", disable=not args.progress, leave=False)
     for epoch in epochs:
         stats = train_epoch(model, setup.clean_subset, optimizer, batch_size=args.batch_size,
-                            augment=setup.augmentation, generator=generator, amp=args.amp, scaler=scaler,
+                            augment=setup.augmentation, generator=run.generator, amp=args.amp, scaler=scaler,
                             objective=penalised_loss, after_step=extra_forward if args.extra_bn_update else None)
         scheduler.step()
-        images += stats.samples * (2 if args.extra_bn_update else 1)
-        rows.append(epoch_row(epoch, stats, setup, args))
+        run.count_images("relearn", stats.samples * (2 if args.extra_bn_update else 1))
+        rows.append(run.epoch_row(epoch, stats, model))
         epochs.set_postfix(train_acc=f"{stats.acc:.3f}")
-        logger.info(f"relearning epoch {epoch}: loss {stats.loss:.4f}, train acc {stats.acc:.4f} "
-                    f"({stats.seconds:.1f} s)")
-    return rows, images
+        run.logger.info(f"relearning epoch {epoch}: loss {stats.loss:.4f}, train acc {stats.acc:.4f} "
+                        f"({stats.seconds:.1f} s)")
+    return rows
 
 
-def main(argv=None):
-    args = parse_defense_args(build_parser(), argv, DEFAULTS)
+def check_args(args):
     for name in ("unlearning_epochs", "relearn_epochs"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0")
-    started = time.perf_counter()
-    setup = prepare_defense(args)
-    output = setup.record.folder / "defense" / DEFENSE
-    with OutputFolder(output) as out:
-        logger = setup_logger(out.path, DEFENSE)
-        logger.info(f"ULRL on {setup.record.folder} ({setup.record.model_name}, {args.dataset}) on {setup.device}; "
-                    f"options: {vars(args)}")
-        write_index(out.path / "index.txt", setup.clean_indices)
-        write_index(out.path / "log" / "index.txt", setup.clean_indices)
-        generator = torch.Generator().manual_seed(args.random_seed)
-        seconds, images = dict(setup.seconds), {"load": 0}
 
-        tick = time.perf_counter()
-        before = evaluate(setup.model, setup.eval_sets, args.eval_batch_size, args.progress)
-        seconds["evaluate_before"], images["evaluate_before"] = time.perf_counter() - tick, setup.eval_sets.images()
-        logger.info("before: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
 
-        tick = time.perf_counter()
+def defend(run):
+    setup, args = run.setup, run.args
+    with run.phase("unlearn"):
         layers = scored_layers(setup.model, args, setup.record.num_classes)
         weights_before = {name: module.weight.detach().float().clone() for name, module in layers.items()}
-        unlearn_rows, images["unlearn"] = unlearn(setup, args, logger, generator)
-        selected, score_table = select_neurons(layers, weights_before, args, logger)
-        seconds["unlearn"] = time.perf_counter() - tick
+        run.add_epoch_table("unlearn_df", unlearn(run))
+        selected, score_table = select_neurons(layers, weights_before, args, run.logger)
+    write_table(score_table, run.path / "neuron_scores.csv")
+    run.summary.update(selected=selected, unlearning_epochs_run=len(run.epoch_tables["unlearn_df"]))
 
-        tick = time.perf_counter()
+    with run.phase("relearn"):
         model = setup.fresh_backdoored_model()  # the unlearned model is discarded; only the selection is kept
         originals = reinitialise(model, selected, args)
         if not selected:
-            logger.info("no neuron selected: relearning is plain fine-tuning")
-        relearn_rows, images["relearn"] = relearn(setup, model, originals, args, logger, generator)
-        seconds["relearn"] = time.perf_counter() - tick
+            run.logger.info("no neuron selected: relearning is plain fine-tuning")
+        run.add_epoch_table("relearn_df", relearn(run, model, originals))
+    return model
 
-        tick = time.perf_counter()
-        after = evaluate(model, setup.eval_sets, args.eval_batch_size, args.progress)
-        seconds["evaluate_after"], images["evaluate_after"] = time.perf_counter() - tick, setup.eval_sets.images()
-        if relearn_rows:
-            relearn_rows[-1].update(after)
-        seconds["total"] = time.perf_counter() - started
 
-        save_defense_result(out.path, setup.record.model_name, setup.record.num_classes, cpu_state_dict(model))
-        for stem, rows in (("unlearn_df", unlearn_rows), ("relearn_df", relearn_rows)):
-            if rows:
-                plot_epochs(write_epoch_csvs(rows, out.path, stem), out.path, stem)
-        write_table(score_table, out.path / "neuron_scores.csv")
-        peak = peak_memory_mib()
-        for phase in ("load", "evaluate_before", "unlearn", "relearn", "evaluate_after"):
-            rate = images[phase] / seconds[phase] if images[phase] else 0.0
-            logger.info(f"phase {phase}: {seconds[phase]:.1f} s" + (f", {rate:.1f} images/s" if rate else ""))
-        logger.info(f"peak memory {peak:.0f} MiB")
-        write_json(out.path / "summary.json", {
-            "defense": DEFENSE, "record": setup.record.name, "model": setup.record.model_name,
-            "dataset": args.dataset, "device": str(setup.device), "before": before, "after": after,
-            "der": der(before, after), "selected": selected, "unlearning_epochs_run": len(unlearn_rows),
-            "seconds": seconds, "images": images, "peak_memory_mib": peak, "clean_samples": len(setup.clean_indices),
-        })
-        line = summary_line("ULRL", before, after, seconds["total"])
-        logger.info(line)
-    print(f"results in {output}")
-    return 0
+def main(argv=None):
+    return run_defense(build_parser(), argv, DEFAULTS, DEFENSE, "ULRL", defend, check_args)
 
 
 if __name__ == "__main__":

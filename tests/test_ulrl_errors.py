@@ -83,7 +83,9 @@ def test_failure_mid_run_leaves_no_partial_folder(record_dir, monkeypatch):
         raise UserError("simulated failure while relearning")
 
     monkeypatch.setattr(ulrl, "relearn", crash)
-    monkeypatch.setattr(ulrl, "evaluate", lambda *a, **k: {"test_acc": 0.0, "test_asr": 0.0, "test_ra": 0.0})
+    import utils.defense_run
+    monkeypatch.setattr(utils.defense_run, "evaluate",
+                        lambda *a, **k: {"test_acc": 0.0, "test_asr": 0.0, "test_ra": 0.0})
     with pytest.raises(UserError, match="simulated failure"):
         ulrl.main(["--result_file", "badnet_0_1", "--record_dir", str(record_dir), "--unlearning_epochs", "1",
                    "--ratio", "0.002", "--progress", "False", "--device", "cpu"])

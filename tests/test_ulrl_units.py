@@ -133,16 +133,3 @@ def test_select_neurons_per_layer_finds_the_moved_channel():
     assert selected == {"fc": [3]}
     assert len(table) == 4 + 5
     assert [row["neuron"] for row in table if row["selected"]] == [3]
-
-
-def test_eval_every_evaluates_only_the_asked_epochs(monkeypatch):
-    calls = []
-    monkeypatch.setattr(ulrl, "evaluate", lambda *a, **k: calls.append(1) or {"test_acc": 0.5, "test_asr": 0.1,
-                                                                               "test_ra": 0.4})
-    stats = type("Stats", (), {"batches": 4, "loss": 1.0, "acc": 0.3})()
-    setup = type("Setup", (), {"model": None, "eval_sets": None})()
-    for every, evaluated in ((0, []), (2, [1, 3]), (1, [0, 1, 2, 3])):
-        args = type("Args", (), {"eval_every": every, "eval_batch_size": 8})()
-        rows = [ulrl.epoch_row(epoch, stats, setup, args) for epoch in range(4)]
-        assert [row["epoch"] for row in rows if "test_acc" in row] == evaluated
-    assert len(calls) == 2 + 4

@@ -4,6 +4,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from utils.config import none_or_str, parse_config, str2bool
@@ -38,6 +39,8 @@ def defense_parser(description):
     add("--amp", type=str2bool, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     add("--eval_every", type=int, help="also evaluate the test sets every N epochs (0: only at phase ends)")
     add("--eval_batch_size", type=int, help="batch size of evaluation")
+    add("--eval_limit", type=int,
+        help="evaluate on only the first N images of each test set (quick checks; 0: the full sets)")
     add("--num_workers", type=int, help="accepted for BackdoorBench compatibility; data lives on the device")
     add("--progress", type=str2bool, help="show progress bars")
     return parser
@@ -45,7 +48,7 @@ def defense_parser(description):
 
 COMMON_DEFAULTS = {"dataset_path": "data", "record_dir": "record", "download": False, "trust_record": False,
                    "device": None, "ratio": 0.01, "index": None, "random_seed": 0, "batch_size": 128, "amp": True,
-                   "eval_every": 0, "eval_batch_size": 256, "num_workers": 0, "progress": True}
+                   "eval_every": 0, "eval_batch_size": 256, "eval_limit": 0, "num_workers": 0, "progress": True}
 
 
 def parse_defense_args(parser, argv, defaults):
@@ -57,6 +60,8 @@ def parse_defense_args(parser, argv, defaults):
     for name in ("batch_size", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be a positive integer")
+    if args.eval_limit < 0:
+        raise UserError("--eval_limit must be >= 0 (0: the full test sets)")
     return args
 
 
@@ -129,9 +134,12 @@ def prepare_defense(args):
     bd_images = bd.images()
     if bd_images.shape[1:] != tuple(info.img_size):
         raise UserError(f"poisoned test images are {bd_images.shape[1:]}, expected {info.img_size} for {dataset}")
+    limit = slice(args.eval_limit or None)
+    clean_indices = np.arange(len(test))[limit]
     eval_sets = EvalSets(
-        clean_test=DeviceImages(test.images(), test.labels, device, info.mean, info.std),
-        bd_test=DeviceImages(bd_images, bd.bd_labels, device, info.mean, info.std, original=original),
+        clean_test=DeviceImages(test.images(clean_indices), test.labels[limit], device, info.mean, info.std),
+        bd_test=DeviceImages(bd_images[limit], bd.bd_labels[limit], device, info.mean, info.std,
+                             original=original[limit]),
     )
     setup = DefenseSetup(args, record, device, model, original_state, list(indices), clean_subset,
                          Augmentation(crop_padding=4, flip=info.random_flip), eval_sets)
