@@ -41,3 +41,26 @@ def write_synthetic_cifar10(folder, train_per_batch=40, test_count=60, seed=0):
     train_x = np.concatenate([a[0] for a in arrays[:5]])
     train_y = np.concatenate([a[1] for a in arrays[:5]])
     return train_x, train_y, arrays[5][0], arrays[5][1]
+
+
+def run_defense_on_shared_record(record_parent, script, yaml_path, *extra, record="badnet_0_1", eval_limit=500):
+    """Run a defense script as a user would on a copy of a shared BackdoorBench record (under record_parent/record),
+    on CPU, evaluating only the first `eval_limit` test images of each set. Returns (output folder, result)."""
+    import shutil
+
+    from conftest import CIFAR10_DIR, SHARED_RECORDS
+    if not (CIFAR10_DIR / "cifar-10-batches-py" / "data_batch_1").is_file():
+        raise AssertionError("data/cifar10 is missing: run python ../shared/data/prepare_cifar10.py data/cifar10")
+    record_dir = record_parent / "record"
+    if not (record_dir / record).exists():
+        shutil.copytree(SHARED_RECORDS / record, record_dir / record, ignore=shutil.ignore_patterns("defense"))
+    defense = relative_stem(script)
+    result = run_script(script, "--result_file", record, "--yaml_path", yaml_path, "--dataset", "cifar10",
+                        "--record_dir", record_dir, "--eval_limit", eval_limit, "--progress", "False",
+                        "--device", "cpu", *extra)
+    return record_dir / record / "defense" / defense, result
+
+
+def relative_stem(script):
+    """defense/ft.py -> ft"""
+    return script.rsplit("/", 1)[-1].removesuffix(".py")

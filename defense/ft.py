@@ -1,0 +1,65 @@
+"""FT: fine-tuning baseline (BackdoorBench's `ft`).
+
+Fine-tune the whole backdoored model on the clean subset (5% of the training split) with SGD and a cosine schedule.
+The reference point every other defense should beat: it costs only clean data and training time.
+
+    python defense/ft.py --result_file badnet_0_1 --yaml_path config/defense/ft/cifar10.yaml --dataset cifar10
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python defense/ft.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.defense_run import run_defense
+from utils.defense_setup import defense_parser
+from utils.errors import UserError, run_cli
+from utils.training import EpochStats, TrainingRecipe, train_classifier
+
+DEFENSE = "ft"
+
+# BackdoorBench's config/defense/ft/config.yaml values.
+DEFAULTS = {"yaml_path": "config/defense/ft/config.yaml", "ratio": 0.05, "batch_size": 256, "epochs": 100,
+            "lr": 0.01, "sgd_momentum": 0.9, "wd": 0.0005, "lr_scheduler": "CosineAnnealingLR"}
+
+
+def build_parser():
+    parser = defense_parser("FT: fine-tune the backdoored model on the clean subset.")
+    add = parser.add_argument
+    add("--epochs", type=int, help="fine-tuning epochs")
+    add("--lr", type=float)
+    add("--sgd_momentum", type=float)
+    add("--wd", type=float, help="weight decay")
+    add("--lr_scheduler", type=str, choices=["CosineAnnealingLR", "none"], help="stepped once per epoch")
+    return parser
+
+
+def check_args(args):
+    if args.epochs < 0:
+        raise UserError("--epochs must be >= 0")
+
+
+def defend(run):
+    args, model = run.args, run.setup.model
+    recipe = TrainingRecipe.from_options({**vars(args), "progress": False})
+    rows = []
+
+    def record_epoch(epoch, history_row):
+        stats = EpochStats(history_row["loss"], history_row["train_acc"], history_row["batches"],
+                           history_row["samples"], history_row["seconds"])
+        rows.append(run.epoch_row(epoch, stats, model))
+
+    with run.phase("finetune"):
+        history = train_classifier(model, run.setup.clean_subset, recipe, run.setup.augmentation, run.generator,
+                                   log=run.logger, after_epoch=record_epoch)
+    run.count_images("finetune", sum(row["samples"] for row in history))
+    run.add_epoch_table("ft_df", rows)
+    return model
+
+
+def main(argv=None):
+    return run_defense(build_parser(), argv, DEFAULTS, DEFENSE, "FT", defend, check_args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
