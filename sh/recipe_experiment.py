@@ -37,7 +37,7 @@ from utils.training import (EvalSets, TrainingRecipe, accuracy, evaluate, prepar
                             train_classifier)
 
 DEFAULTS = {"dataset": "cifar10", "dataset_path": "data", "model": "airbench_cpu", "random_seed": 0, "pratio": 0.1,
-            "attack_target": 0, "poison": "badnet", "device": None, "eval_batch_size": 500, "threads": None,
+            "attack_target": 0, "poison": "badnet", "device": None, "eval_batch_size": 500, "threads": None, "crop_padding": 4,
             "progress": False}
 
 
@@ -72,6 +72,7 @@ def parse_args(argv):
     add("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     add("--progress", type=str2bool)
     add("--widths", type=int, nargs=4, help="airbench_cpu with these widths (stem, group 1, 2, 3) instead of --model")
+    add("--crop_padding", type=int, help="random-crop padding of the training augmentation (BackdoorBench: 4)")
     add("--probe_every", type=int, help="every N epochs, ACC and ASR on the first 1000 images of each test set")
     return parse_config(parser, argv, DEFAULTS)
 
@@ -115,7 +116,7 @@ def main(argv=None):
     print(f"{sum(p.numel() for p in model.parameters())} parameters")
     train_data = DeviceImages(train_images, train_labels, device, info.mean, info.std)
     generator = torch.Generator().manual_seed(args.random_seed)
-    augment = Augmentation(crop_padding=4, flip=info.random_flip)
+    augment = Augmentation(crop_padding=args.crop_padding, flip=info.random_flip)
 
     class Log:
         @staticmethod

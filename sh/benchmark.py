@@ -1,0 +1,119 @@
+"""The attack x defense benchmark on CIFAR-10: builds the attack records it needs, runs every defense on each, and
+writes the table (ACC, ASR, RA, DER, seconds) with the best value per attack marked.
+
+    python sh/benchmark.py --scale cpu        # CPU training recipe (airbench_cpu), this machine: about 2 hours
+    python sh/benchmark.py --scale paper      # PreAct-ResNet18, 100-epoch attacks: for a GPU machine
+    python sh/benchmark.py --scale cpu --attacks badnet blended --defenses none ft ulrl
+
+Attacks are all-to-one, target 0, 10% poisoning, named record/<attack>_<scale>; a record that exists is reused,
+and a defense result that exists is not recomputed, so an interrupted benchmark continues where it stopped
+(delete record/<attack>_<scale>/defense/<defense>/ to redo one cell). Output: record/benchmark/<scale>/summary.csv,
+summary.md, summary.png, logs/ (one log per run) and benchmark.json (date, machine, wall time); the table is
+printed at the end. Defaults of every defense are its config/defense/<name>/cifar10.yaml.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python sh/benchmark.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.batch import REPO_ROOT, Job, available_defenses, defense_job, run_jobs, write_report  # noqa: E402
+from utils.benchmark import collect, write_outputs  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
+
+ATTACKS = ["badnet", "blended", "sig", "wanet", "bpp", "inputaware"]
+DEFENSES = ["none", "ft", "ulrl", "tsbd", "rnp", "anp", "fst", "clp"]
+SCALES = {  # scale -> the prototype YAML (training recipe) of its attacks
+    "cpu": "config/attack/prototype/cifar10_cpu.yaml",
+    "paper": "config/attack/prototype/cifar10.yaml",
+}
+DATASET = "cifar10"
+
+
+def attack_yaml(attack, scale):
+    """config/attack/<attack>/<scale>.yaml when the attack needs scale-specific settings, else default.yaml."""
+    folder = REPO_ROOT / "config" / "attack" / attack
+    for name in (f"{scale}.yaml", "default.yaml"):
+        if (folder / name).is_file():
+            return str((folder / name).relative_to(REPO_ROOT))
+    raise UserError(f"attack {attack!r} has no config/attack/{attack}/default.yaml")
+
+
+def attack_job(attack, scale, record_dir, log_dir):
+    script = REPO_ROOT / "attack" / f"{attack}.py"
+    if not script.is_file():
+        raise UserError(f"unknown attack {attack!r}: attack/{attack}.py does not exist")
+    name = f"{attack}_{scale}"
+    command = [sys.executable, str(script), "--yaml_path", SCALES[scale], "--bd_yaml_path", attack_yaml(attack, scale),
+               "--save_folder_name", name, "--record_dir", str(Path(record_dir).resolve()), "--dataset", DATASET,
+               "--attack_target", "0", "--pratio", "0.1", "--attack_label_trans", "all2one", "--progress", "False"]
+    return Job(name=f"attack {name}", command=command, log=Path(log_dir) / f"attack_{name}.log",
+               result=Path(record_dir).resolve() / name / "attack_result.pt")
+
+
+def machine():
+    """One line naming the machine (CPU model, cores, GPU, torch)."""
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), required=True)
+    parser.add_argument("--attacks", nargs="+", default=ATTACKS)
+    parser.add_argument("--defenses", nargs="+", default=DEFENSES,
+                        help="'none' is the backdoored model; defenses without a script yet are left out")
+    parser.add_argument("--record_dir", default="record")
+    parser.add_argument("--out", help="default: <record_dir>/benchmark/<scale>")
+    parser.add_argument("--timeout", type=float, help="seconds after which one attack or defense run is stopped")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    out = Path(args.out or Path(args.record_dir) / "benchmark" / args.scale)
+    logs = out / "logs"
+    known = set(available_defenses()) | {"none"}
+    defenses = [name for name in args.defenses if name in known]
+    absent = [name for name in args.defenses if name not in known]
+    if absent:
+        print(f"left out (no defense/<name>.py): {', '.join(absent)}")
+
+    attack_report = run_jobs([attack_job(a, args.scale, args.record_dir, logs) for a in args.attacks],
+                             timeout=args.timeout)
+    records = {a: Path(args.record_dir) / f"{a}_{args.scale}" for a in args.attacks}
+    built = [a for a in args.attacks if (records[a] / "attack_result.pt").is_file()]
+    jobs = [defense_job(d, records[a].name, args.record_dir, logs, DATASET)
+            for a in built for d in defenses if d != "none"]
+    defense_report = run_jobs(jobs, timeout=args.timeout)
+    report = attack_report.extend(defense_report)
+    print("\n".join(report.lines()))
+    write_report(report, logs)
+
+    wall = time.perf_counter() - started
+    info = {"scale": args.scale, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+            "wall_seconds_this_invocation": wall, "attacks": args.attacks, "defenses": defenses}
+    title = (f"CIFAR-10, {args.scale} scale ({SCALES[args.scale]}), all-to-one target 0, 10% poisoning; "
+             f"{info['date']}, {info['machine']}")
+    table = collect(records, defenses)
+    text = write_outputs(table, out, title)
+    (out / "benchmark.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(text)
+    print(f"wall time of this invocation: {wall / 60:.1f} min (reused records and results cost nothing); "
+          f"outputs in {out}")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,131 @@
+"""Batch runs: many (record, defense) pairs, one subprocess and one log each, resumable.
+
+A pair whose result exists (record/<record>/defense/<defense>/summary.json, written last by every defense and only
+when the run succeeded) is skipped; a failing run is logged and the batch goes on; the end is a report of what
+ran, what was skipped and what failed.
+"""
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from utils.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Job:
+    """One command with its log file; `result` is the file whose presence means the job is already done."""
+    name: str
+    command: list
+    log: Path
+    result: Path
+
+
+@dataclass
+class BatchReport:
+    ran: list = field(default_factory=list)  # (job name, seconds)
+    skipped: list = field(default_factory=list)  # job names
+    failed: list = field(default_factory=list)  # (job name, exit code, log path)
+
+    def extend(self, other):
+        self.ran += other.ran
+        self.skipped += other.skipped
+        self.failed += other.failed
+        return self
+
+    def lines(self):
+        lines = [f"ran {len(self.ran)}, skipped {len(self.skipped)} (result exists), failed {len(self.failed)}"]
+        lines += [f"  ran     {name} ({seconds:.1f} s)" for name, seconds in self.ran]
+        lines += [f"  skipped {name}" for name in self.skipped]
+        lines += [f"  FAILED  {name} (exit {code}; log {log})" for name, code, log in self.failed]
+        return lines
+
+    def rows(self):
+        return ([{"job": name, "status": "ran", "seconds": seconds, "log": ""} for name, seconds in self.ran]
+                + [{"job": name, "status": "skipped", "seconds": "", "log": ""} for name in self.skipped]
+                + [{"job": name, "status": f"failed (exit {code})", "seconds": "", "log": str(log)}
+                   for name, code, log in self.failed])
+
+
+def available_defenses():
+    """Names of the defense scripts in defense/."""
+    return sorted(path.stem for path in (REPO_ROOT / "defense").glob("*.py") if not path.stem.startswith("_"))
+
+
+def defense_yaml(defense, dataset=None):
+    """config/defense/<defense>/<dataset>.yaml when it exists, else its config.yaml (None when neither does)."""
+    folder = REPO_ROOT / "config" / "defense" / defense
+    for name in ([f"{dataset}.yaml"] if dataset else []) + ["config.yaml"]:
+        if (folder / name).is_file():
+            return str((folder / name).relative_to(REPO_ROOT))
+    return None
+
+
+def defense_job(defense, record, record_dir, log_dir, dataset=None, extra=()):
+    """The job that runs `defense` on record_dir/record as a user would type it."""
+    if defense not in available_defenses():
+        raise UserError(f"unknown defense {defense!r}; available: {', '.join(available_defenses())}")
+    record_dir = Path(record_dir).resolve()  # the run's working directory is the repository root
+    command = [sys.executable, str(REPO_ROOT / "defense" / f"{defense}.py"), "--result_file", record,
+               "--record_dir", str(record_dir), "--progress", "False"]
+    yaml_path = defense_yaml(defense, dataset)
+    if yaml_path:
+        command += ["--yaml_path", yaml_path]
+    if dataset:
+        command += ["--dataset", dataset]
+    command += [str(arg) for arg in extra]
+    return Job(name=f"{record}/{defense}", command=command, log=Path(log_dir) / f"{record}__{defense}.log",
+               result=record_dir / record / "defense" / defense / "summary.json")
+
+
+def record_names(record_dir):
+    """Every folder of record_dir that holds an attack_result.pt, sorted."""
+    record_dir = Path(record_dir)
+    if not record_dir.is_dir():
+        raise UserError(f"record folder {record_dir} does not exist")
+    return sorted(path.parent.name for path in record_dir.glob("*/attack_result.pt"))
+
+
+def run_jobs(jobs, force=False, timeout=None, echo=print):
+    """Run the jobs one after another (from the repository root); never stops at a failure."""
+    report = BatchReport()
+    for number, job in enumerate(jobs, 1):
+        prefix = f"[{number}/{len(jobs)}] {job.name}"
+        if job.result.is_file() and not force:
+            report.skipped.append(job.name)
+            echo(f"{prefix}: skipped (result exists: {job.result})")
+            continue
+        job.log.parent.mkdir(parents=True, exist_ok=True)
+        echo(f"{prefix}: running (log {job.log})")
+        tick = time.perf_counter()
+        with open(job.log, "w") as log:
+            log.write("$ " + " ".join(job.command) + "\n")
+            log.flush()
+            try:
+                code = subprocess.run(job.command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                      timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                log.write(f"\nbatch: stopped after the --timeout of {timeout} s\n")
+                code = "timeout"
+        seconds = time.perf_counter() - tick
+        if code == 0 and job.result.is_file():
+            report.ran.append((job.name, seconds))
+            echo(f"{prefix}: done in {seconds:.1f} s")
+        else:
+            code = code if code != 0 else "0, but no result file"
+            report.failed.append((job.name, code, job.log))
+            echo(f"{prefix}: FAILED (exit {code}) after {seconds:.1f} s; see {job.log}")
+    return report
+
+
+def write_report(report, log_dir):
+    """batch_summary.csv in log_dir; returns its path."""
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(log_dir) / "batch_summary.csv"
+    pd.DataFrame(report.rows(), columns=["job", "status", "seconds", "log"]).to_csv(path, index=False)
+    return path
