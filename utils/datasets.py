@@ -47,31 +47,11 @@ def dataset_info(name):
     return DATASETS[name]
 
 
-def _numpy_frombuffer():
-    import importlib
-    for module in ("numpy._core.numeric", "numpy.core.numeric"):
-        try:
-            return importlib.import_module(module)._frombuffer
-        except (ImportError, AttributeError):
-            continue
-    return None
-
-
 def _unpickle_latin1(path):
     # The official CIFAR pickles are Python 2 pickles of plain lists and a uint8 numpy array.
     from utils.safe_pickle import RestrictedUnpickler
-
-    class CifarUnpickler(RestrictedUnpickler):
-        def find_class(self, module, name):
-            # Python 3's default pickle protocol (5) stores arrays through numpy's _frombuffer
-            if name == "_frombuffer" and module in ("numpy._core.numeric", "numpy.core.numeric"):
-                frombuffer = _numpy_frombuffer()
-                if frombuffer is not None:
-                    return frombuffer
-            return super().find_class(module, name)
-
     with open(path, "rb") as handle:
-        return CifarUnpickler(handle, encoding="latin1").load()
+        return RestrictedUnpickler(handle, encoding="latin1").load()
 
 
 def _cifar_arrays(files, label_key):

@@ -19,17 +19,18 @@ import torch._utils
 from utils.errors import UserError
 
 
-def _numpy_multiarray():
-    for name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+def _numpy_module(name):
+    """numpy._core.<name> (numpy 2) or numpy.core.<name> (numpy 1)."""
+    for qualified in (f"numpy._core.{name}", f"numpy.core.{name}"):
         try:
-            return importlib.import_module(name)
+            return importlib.import_module(qualified)
         except ImportError:
             continue
-    raise ImportError("numpy multiarray module not found")
+    raise ImportError(f"numpy module {name} not found")
 
 
 def _allowed_globals():
-    multiarray = _numpy_multiarray()
+    multiarray = _numpy_module("multiarray")
     allowed = {
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("_codecs", "encode"): codecs.encode,
@@ -42,6 +43,10 @@ def _allowed_globals():
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(module, "_reconstruct")] = multiarray._reconstruct
         allowed[(module, "scalar")] = multiarray.scalar
+    # pickle protocol 5 (Python 3's default, e.g. a re-saved CIFAR batch) stores arrays through numpy's _frombuffer
+    numeric = _numpy_module("numeric")
+    for module in ("numpy.core.numeric", "numpy._core.numeric"):
+        allowed[(module, "_frombuffer")] = numeric._frombuffer
     # numpy >= 1.25 may name the per-type dtype classes (numpy.dtypes.Float64DType, ...)
     dtype_classes = getattr(np, "dtypes", None)
     if dtype_classes is not None:
