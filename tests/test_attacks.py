@@ -9,11 +9,15 @@ import torch
 
 from helpers import run_script, write_synthetic_cifar10
 from utils.records import load_attack_record, load_record_pickle
-from utils.triggers import TRIGGERS
+from utils.safe_pickle import safe_torch_load
+from utils.triggers import TRIGGERS, wanet_grid
 
 ATTACKS = {"badnet": ("attack/badnet.py", "config/attack/badnet/default.yaml"),
            "blended": ("attack/blended.py", "config/attack/blended/default.yaml"),
-           "sig": ("attack/sig.py", "config/attack/sig/default.yaml")}
+           "sig": ("attack/sig.py", "config/attack/sig/default.yaml"),
+           "wanet": ("attack/wanet.py", "config/attack/wanet/default.yaml"),
+           "bpp": ("attack/bpp.py", "config/attack/bpp/default.yaml")}
+DYNAMIC = {"wanet", "bpp"}  # poison while training: int data_dict keys, cross_test_dataset/
 FAST = ["--model", "airbench_cpu", "--epochs", "1", "--batch_size", "64", "--progress", "False",
         "--device", "cpu", "--amp", "False"]
 
@@ -38,6 +42,15 @@ def test_every_registered_trigger_has_an_attack_script():
     assert set(TRIGGERS) <= set(ATTACKS)
 
 
+def _trigger(name, folder):
+    """The record's trigger as a function of clean images: WaNet's from the grid saved in state_dict.pt."""
+    if name == "wanet":
+        state = safe_torch_load(folder / "state_dict.pt")
+        grid = wanet_grid(state["identity_grid"], state["noise_grid"], s=0.5, grid_rescale=1)
+        return lambda images: TRIGGERS["wanet"].apply(images, grid=grid)
+    return TRIGGERS[name].apply
+
+
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_attack_writes_a_record_our_loader_reads(tmp_path, data, name):
     result, record_dir = _attack(tmp_path, data, name)
@@ -53,8 +66,9 @@ def test_attack_writes_a_record_our_loader_reads(tmp_path, data, name):
         assert len(train_idx) == round(0.1 * len(train_y)) and (record.bd_train.bd_labels == 0).all()
     assert np.array_equal(record.bd_test.original_indices, np.flatnonzero(test_y != 0))
     assert (record.bd_test.bd_labels == 0).all()
-    assert np.array_equal(record.bd_test.images(), TRIGGERS[name].apply(test_x[test_y != 0]))
-    assert np.array_equal(record.bd_train.images(), TRIGGERS[name].apply(train_x[train_idx]))
+    apply = _trigger(name, record.folder)
+    assert np.array_equal(record.bd_test.images(), apply(test_x[test_y != 0]))
+    assert np.array_equal(record.bd_train.images(), apply(train_x[train_idx]))
     assert np.array_equal(record.bd_train.original_labels, train_y[train_idx])
     indicator = load_record_pickle(record.folder, "train_poison_index_list.pickle")
     assert np.flatnonzero(indicator).tolist() == train_idx.tolist()
@@ -65,12 +79,25 @@ def test_attack_writes_a_record_our_loader_reads(tmp_path, data, name):
     assert (record.folder / "attack_df_summary.csv").is_file() and list((record.folder).glob("*.log"))
     summary = json.loads((record.folder / "summary.json").read_text())
     assert summary["metrics"]["test_asr"] == table["test_asr"].iloc[-1]
+    raw = safe_torch_load(record.folder / "attack_result.pt")
+    keys = [key for split in ("bd_train", "bd_test") for key in raw[split]["bd_data_container"]["data_dict"]]
+    assert {type(key) for key in keys} == ({int} if name in DYNAMIC else {np.int64})
+    if name in DYNAMIC:  # every test image in noise mode, at its own label, and not the backdoor image
+        cross = sorted((record.folder / "cross_test_dataset").glob("*/*.png"))
+        assert sorted(int(p.stem) for p in cross) == list(range(len(test_y)))
+        assert all(int(p.parent.name) == test_y[int(p.stem)] for p in cross)
+        assert 0 <= table["test_cross_acc"].iloc[-1] <= 1
+    if name == "wanet":
+        state = safe_torch_load(record.folder / "state_dict.pt")
+        assert state["identity_grid"].shape == state["noise_grid"].shape == (1, 32, 32, 2)
+        assert set(state["netC"]) == set(record.state_dict)
 
 
-def test_all_to_all_and_target_options(tmp_path, data):
-    result, record_dir = _attack(tmp_path, data, "badnet", "--attack_label_trans", "all2all")
+@pytest.mark.parametrize("name", ["badnet", "wanet"])
+def test_all_to_all_and_target_options(tmp_path, data, name):
+    result, record_dir = _attack(tmp_path, data, name, "--attack_label_trans", "all2all")
     assert result.returncode == 0, result.stderr[-2000:]
-    record = load_attack_record("badnet_test", record_dir)
+    record = load_attack_record(f"{name}_test", record_dir)
     test_y = data[1][3]
     assert len(record.bd_test) == len(test_y)
     assert np.array_equal(record.bd_test.bd_labels, (record.bd_test.original_labels + 1) % 10)
@@ -94,3 +121,13 @@ def test_prototype_writes_a_clean_model(tmp_path, data):
     assert result.returncode == 0, result.stderr[-2000:]
     state = torch.load(record_dir / "clean" / "clean_model.pth", weights_only=True)
     assert "linear.weight" in state and not (record_dir / "clean" / "attack_result.pt").exists()
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("wanet", ["--cross_ratio", "20"], "pratio * (1 + cross_ratio)"),
+    ("bpp", ["--squeeze_num", "1"], "--squeeze_num"),
+])
+def test_bad_dynamic_attack_options_are_one_clear_error(tmp_path, data, name, options, message):
+    result, record_dir = _attack(tmp_path, data, name, *options)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (record_dir / f"{name}_test").exists()

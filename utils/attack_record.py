@@ -1,9 +1,9 @@
 """Writing attack records exactly as BackdoorBench v2 (V2.2) does, so every reader of the format accepts them.
 
-record/<name>/attack_result.pt (pickle protocol 2, numpy.int64 data_dict keys, paths relative to the BackdoorBench
-root), bd_train_dataset/ and bd_test_dataset/ PNGs (<original_label>/<original_index>.png), info.pickle,
-train_poison_index_list.pickle. The folder is built aside and moved into place at the end; an existing folder is
-never overwritten.
+record/<name>/attack_result.pt (pickle protocol 2, numpy.int64 data_dict keys (plain int for the attacks that
+poison while training), paths relative to the BackdoorBench root), bd_train_dataset/ and bd_test_dataset/ PNGs
+(<original_label>/<original_index>.png), info.pickle, train_poison_index_list.pickle. The folder is built aside and
+moved into place at the end; an existing folder is never overwritten.
 """
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,12 +31,13 @@ def save_png(path, image):
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
 
 
-def split_state(samples, record_name, folder_name, whole_split_index):
-    """BackdoorBench's dataset state dict; `whole_split_index`: bd_train lists every index, bd_test only poisoned."""
+def split_state(samples, record_name, folder_name, whole_split_index, key_type=np.int64):
+    """BackdoorBench's dataset state dict; `whole_split_index`: bd_train lists every index, bd_test only poisoned;
+    `key_type` of the data_dict keys (numpy.int64, or int as BackdoorBench's wanet, inputaware and bpp write)."""
     relative_folder = f"./record/{record_name}/{folder_name}"
     data_dict = {}
     for index, bd_label, original_label in zip(samples.indices, samples.bd_labels, samples.original_labels):
-        data_dict[np.int64(index)] = {"path": f"{relative_folder}/{int(original_label)}/{int(index)}.png",
+        data_dict[key_type(index)] = {"path": f"{relative_folder}/{int(original_label)}/{int(index)}.png",
                                       "other_info": [int(bd_label), int(original_label)]}
     indicator = np.zeros(samples.split_size, dtype=np.float64)
     indicator[samples.indices] = 1.0
@@ -62,11 +63,15 @@ def new_record_folder(final):
 
 
 def write_attack_record(folder, record_name, *, model_name, num_classes, state_dict, clean_data, img_size,
-                        bd_train, bd_test, info, data_path=None):
-    """attack_result.pt, the PNG folders, info.pickle and train_poison_index_list.pickle into `folder`."""
+                        bd_train, bd_test, info, data_path=None, key_type=np.int64, cross_test=None):
+    """attack_result.pt, the PNG folders, info.pickle and train_poison_index_list.pickle into `folder`; with
+    `cross_test` (noise-mode test images at their true labels) also cross_test_dataset/, which BackdoorBench writes
+    beside the record but not into attack_result.pt."""
     folder = Path(folder)
     write_split_pngs(folder / "bd_train_dataset", bd_train)
     write_split_pngs(folder / "bd_test_dataset", bd_test)
+    if cross_test is not None:
+        write_split_pngs(folder / "cross_test_dataset", cross_test)
     model = OrderedDict((key, value.detach().cpu().contiguous().clone()) for key, value in state_dict.items())
     result = {
         "model_name": model_name,
@@ -75,8 +80,8 @@ def write_attack_record(folder, record_name, *, model_name, num_classes, state_d
         "data_path": data_path or f"./data/{clean_data}",
         "img_size": tuple(int(v) for v in img_size),
         "clean_data": clean_data,
-        "bd_train": split_state(bd_train, record_name, "bd_train_dataset", whole_split_index=True),
-        "bd_test": split_state(bd_test, record_name, "bd_test_dataset", whole_split_index=False),
+        "bd_train": split_state(bd_train, record_name, "bd_train_dataset", whole_split_index=True, key_type=key_type),
+        "bd_test": split_state(bd_test, record_name, "bd_test_dataset", whole_split_index=False, key_type=key_type),
     }
     torch.save(result, folder / "attack_result.pt")
     torch.save(info, folder / "info.pickle")

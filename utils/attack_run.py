@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.attack_record import new_record_folder, write_attack_record
+from utils.attack_record import PoisonedSamples, new_record_folder, write_attack_record
 from utils.config import parse_config, str2bool
 from utils.datasets import CleanSplit, dataset_info
 from utils.errors import UserError
 from utils.models import build_model, cpu_state_dict
-from utils.poisoning import LABEL_TRANSFORMS, backdoor_labels, bd_test_indices, poison, train_poison_indices
+from utils.poisoning import (LABEL_TRANSFORMS, backdoor_labels, batch_poison_count, bd_test_indices, poison,
+                             train_poison_indices)
 from utils.reporting import plot_epochs, setup_logger, write_epoch_csvs, write_json
 from utils.runtime import peak_memory_mib, pick_device, seed_everything
 from utils.tensor_data import Augmentation, DeviceImages
@@ -88,8 +89,107 @@ def train_set_with_poison(train_images, train_labels, bd_train):
     return images, labels
 
 
-def run_attack(args, apply_trigger=None, clean_label=False, attack_name="prototype"):
-    """Poison (unless `apply_trigger` is None: clean training), train, evaluate and write the record."""
+def train_on(model, images, labels, args, device, logger, poison_batch=None):
+    """Train `model` (on `device`) on uint8 NHWC `images` with the recipe in `args`, BackdoorBench's random crop and
+    flip done batched on the device; poison_batch(x, y, data) -> (x, y), if given, changes every augmented,
+    normalised batch (`data`, the training DeviceImages, converts to and from pixels). Returns the epoch rows."""
+    info = dataset_info(args.dataset)
+    data = DeviceImages(images, labels, device, info.mean, info.std)
+    augmentation = Augmentation(crop_padding=4, flip=info.random_flip)
+    generator = torch.Generator().manual_seed(args.random_seed)
+    transform = None if poison_batch is None else (lambda x, y: poison_batch(x, y, data))
+    return train_classifier(model, data, args, augmentation, generator, logger, batch_transform=transform)
+
+
+class DynamicAttack:
+    """An attack that poisons while the model trains (WaNet, BPP, Input-aware).
+
+    run_attack(args, dynamic=attack) trains with `train` instead of on a poisoned copy of the training set, and after
+    training builds the record's bd_train and bd_test with `apply` and cross_test_dataset/ with `cross`. The default
+    `train` follows BackdoorBench's batch layout: in every (shuffled) batch the first pratio * batch samples get the
+    trigger and the backdoor label, the next `kept_count` get a perturbation that keeps their labels (WaNet's noise
+    mode, BPP's negative samples), the rest stay clean. Subclasses give `trigger_batch`, `perturb_batch` and
+    `kept_count`, or override `train` (or `poison_batch`) altogether.
+    """
+    name = "dynamic"
+    clean_label = False
+
+    def __init__(self, args=None):
+        self.args = args  # the merged options (pratio, attack_target, attack_label_trans, random_seed, ...)
+
+    def train(self, model, train_images, train_labels, args, device, logger):
+        """Train `model` (already on `device`) on the clean uint8 NHWC numpy `train_images` and int64 `train_labels`,
+        poisoning batches on the fly; return per-epoch dicts with keys epoch, batches, loss, train_acc
+        (the shape utils.training.train_classifier returns)."""
+        return train_on(model, train_images, train_labels, args, device, logger, poison_batch=self.poison_batch)
+
+    def apply(self, images):
+        """Poisoned uint8 NHWC numpy images (after training; used for bd_train/bd_test in the record)."""
+        raise NotImplementedError
+
+    def cross(self, images):
+        """Noise-mode ("cross") images for cross_test_dataset, or None when the attack has none."""
+        return None
+
+    def extra_files(self, folder):
+        """Write attack-specific files into the record folder (WaNet: state_dict.pt); default nothing."""
+
+    # ---- optional members behind the default train()
+
+    @property
+    def batch_generator(self):
+        """The torch.Generator (CPU) of the batch poisoning's random choices: its own stream, seeded from
+        --random_seed, apart from the shuffling and augmentation stream."""
+        if getattr(self, "_batch_generator", None) is None:
+            self._batch_generator = torch.Generator().manual_seed(self.args.random_seed + 1)
+        return self._batch_generator
+
+    def poison_batch(self, x, y, data):
+        """A normalised float NCHW batch `x` on the device and its labels `y` -> the batch the model trains on."""
+        args = self.args
+        count = batch_poison_count(args.pratio, len(y), self.batch_generator)
+        kept = max(0, min(self.kept_count(count, len(y)), len(y) - count))
+        triggered = self.trigger_batch(x[:count], data)
+        perturbed = self.perturb_batch(x[count:count + kept], data)
+        bd_labels = backdoor_labels(y[:count], args.attack_label_trans, args.attack_target,
+                                    dataset_info(args.dataset).num_classes)
+        return torch.cat([triggered, perturbed, x[count + kept:]]), torch.cat([bd_labels, y[count:]])
+
+    def kept_count(self, poisoned, batch_size):
+        """How many samples after the poisoned ones get the label-keeping perturbation."""
+        return 0
+
+    def trigger_batch(self, x, data):
+        """The trigger on normalised samples of a training batch (`data.pixels` / `data.from_pixels` convert)."""
+        raise NotImplementedError
+
+    def perturb_batch(self, x, data):
+        """The label-keeping perturbation on normalised samples of a training batch."""
+        return x
+
+
+def poisoned_splits(apply_trigger, clean_label, args, train, train_images, test, test_images, rng, logger):
+    """bd_train (round(pratio * N) samples by utils.poisoning's rule) and bd_test as PoisonedSamples."""
+    num_classes = dataset_info(args.dataset).num_classes
+    train_bd_labels = train.labels if clean_label else backdoor_labels(
+        train.labels, args.attack_label_trans, args.attack_target, num_classes)
+    chosen = train_poison_indices(train.labels, args.pratio, args.attack_target, clean_label, rng)
+    bd_train = poison(train_images, train.labels, chosen, apply_trigger, train_bd_labels, len(train))
+    test_bd_labels = backdoor_labels(test.labels, args.attack_label_trans, args.attack_target, num_classes)
+    bd_test = poison(test_images, test.labels, bd_test_indices(test.labels, args.attack_label_trans,
+                                                                args.attack_target),
+                     apply_trigger, test_bd_labels, len(test))
+    logger.info(f"poisoned {len(bd_train.indices)} of {len(train)} training samples; bd_test holds "
+                f"{len(bd_test.indices)} test samples")
+    return bd_train, bd_test
+
+
+def run_attack(args, apply_trigger=None, clean_label=False, attack_name="prototype", dynamic=None):
+    """Poison, train, evaluate and write the record. With `apply_trigger` the training set is poisoned before
+    training; with `dynamic` (a DynamicAttack) batches are poisoned while training and the record's poisoned sets
+    are made after it; with neither, clean training (clean_model.pth)."""
+    if dynamic is not None:
+        apply_trigger, clean_label, attack_name = dynamic.apply, dynamic.clean_label, dynamic.name
     started = time.perf_counter()
     seed_everything(args.random_seed)
     device = pick_device(args.device)
@@ -103,29 +203,31 @@ def run_attack(args, apply_trigger=None, clean_label=False, attack_name="prototy
         train_images, test_images = train.images(), test.images()
         rng = np.random.default_rng(args.random_seed)
 
-        bd_train = bd_test = None
+        def make_poisoned_splits():
+            return poisoned_splits(apply_trigger, clean_label, args, train, train_images, test, test_images, rng,
+                                   logger)
+
+        bd_train = bd_test = cross_test = None
         train_x, train_y = train_images, train.labels
-        if apply_trigger is not None:
-            train_bd_labels = train.labels if clean_label else backdoor_labels(
-                train.labels, args.attack_label_trans, args.attack_target, info.num_classes)
-            chosen = train_poison_indices(train.labels, args.pratio, args.attack_target, clean_label, rng)
-            bd_train = poison(train_images, train.labels, chosen, apply_trigger, train_bd_labels, len(train))
-            test_bd_labels = backdoor_labels(test.labels, args.attack_label_trans, args.attack_target,
-                                             info.num_classes)
-            bd_test = poison(test_images, test.labels, bd_test_indices(test.labels, args.attack_label_trans,
-                                                                        args.attack_target),
-                             apply_trigger, test_bd_labels, len(test))
+        if apply_trigger is not None and dynamic is None:
+            bd_train, bd_test = make_poisoned_splits()
             train_x, train_y = train_set_with_poison(train_images, train.labels, bd_train)
-            logger.info(f"poisoned {len(bd_train.indices)} of {len(train)} training samples; bd_test holds "
-                        f"{len(bd_test.indices)} test samples")
 
         model = prepare_model(build_model(args.model, info.num_classes, info.img_size), device)
-        train_data = DeviceImages(train_x, train_y, device, info.mean, info.std)
-        augmentation = Augmentation(crop_padding=4, flip=info.random_flip)
-        generator = torch.Generator().manual_seed(args.random_seed)
         tick = time.perf_counter()
-        epochs = train_classifier(model, train_data, args, augmentation, generator, logger)
+        if dynamic is None:
+            epochs = train_on(model, train_x, train_y, args, device, logger)
+        else:
+            epochs = dynamic.train(model, train_images, train.labels, args, device, logger)
         train_seconds = time.perf_counter() - tick
+        if dynamic is not None:
+            # after training: an attack may learn its trigger while the model trains (Input-aware)
+            bd_train, bd_test = make_poisoned_splits()
+            cross_images = dynamic.cross(test_images)
+            if cross_images is not None:
+                every = np.arange(len(test), dtype=np.int64)
+                cross_test = PoisonedSamples(indices=every, images=cross_images, bd_labels=test.labels,
+                                             original_labels=test.labels, split_size=len(test))
 
         clean_test = DeviceImages(test_images, test.labels, device, info.mean, info.std)
         rows = [{"epoch": e["epoch"], "batch": e["batches"], "train_epoch_loss_avg_over_batch": e["loss"],
@@ -136,6 +238,9 @@ def run_attack(args, apply_trigger=None, clean_label=False, attack_name="prototy
             metrics = evaluate(model, EvalSets(clean_test, bd_test_data), args.eval_batch_size, args.progress)
         else:
             metrics = {"test_acc": accuracy(model, clean_test, args.eval_batch_size)}
+        if cross_test is not None:  # noise-mode images must keep their labels: BackdoorBench's test_cross_acc
+            cross_data = DeviceImages(cross_test.images, cross_test.bd_labels, device, info.mean, info.std)
+            metrics["test_cross_acc"] = accuracy(model, cross_data, args.eval_batch_size)
         rows[-1].update(metrics)
         logger.info("final: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
@@ -148,8 +253,11 @@ def run_attack(args, apply_trigger=None, clean_label=False, attack_name="prototy
                                 img_size=info.img_size, bd_train=bd_train, bd_test=bd_test,
                                 info={**vars(args), "attack": attack_name, "num_classes": info.num_classes,
                                       "img_size": info.img_size, "save_path": f"./record/{args.save_folder_name}",
-                                      "terminal_info": sys.argv})
-        table = write_attack_tables(rows, out.path)
+                                      "terminal_info": sys.argv},
+                                key_type=np.int64 if dynamic is None else int, cross_test=cross_test)
+        if dynamic is not None:
+            dynamic.extra_files(out.path)
+        table = write_attack_tables(rows, out.path, cross=cross_test is not None)
         plot_epochs(table, out.path)
         seconds = time.perf_counter() - started
         write_json(out.path / "summary.json", {"attack": attack_name, "model": args.model, "dataset": args.dataset,
@@ -162,6 +270,7 @@ def run_attack(args, apply_trigger=None, clean_label=False, attack_name="prototy
     return 0
 
 
-def write_attack_tables(rows, folder):
-    """attack_df.csv and attack_df_summary.csv with BackdoorBench's attack columns."""
-    return write_epoch_csvs(rows, folder, "attack_df", columns=ATTACK_COLUMNS)
+def write_attack_tables(rows, folder, cross=False):
+    """attack_df.csv and attack_df_summary.csv with BackdoorBench's attack columns (and test_cross_acc, as its
+    wanet, inputaware and bpp write, with `cross`)."""
+    return write_epoch_csvs(rows, folder, "attack_df", columns=ATTACK_COLUMNS + (["test_cross_acc"] if cross else []))

@@ -6,6 +6,7 @@
 - Labels: all-to-one -> target; all-to-all -> (y + 1) % num_classes.
 """
 import numpy as np
+import torch
 
 from utils.attack_record import PoisonedSamples
 from utils.errors import UserError
@@ -14,9 +15,11 @@ LABEL_TRANSFORMS = ("all2one", "all2all")
 
 
 def backdoor_labels(labels, label_transform, target, num_classes):
-    labels = np.asarray(labels, dtype=np.int64)
+    """The labels the attack wants; `labels` a numpy array, or a torch tensor (a batch poisoned while training)."""
+    if not isinstance(labels, torch.Tensor):
+        labels = np.asarray(labels, dtype=np.int64)
     if label_transform == "all2one":
-        return np.full_like(labels, target)
+        return labels * 0 + target
     if label_transform == "all2all":
         return (labels + 1) % num_classes
     raise UserError(f"unknown --attack_label_trans {label_transform!r}; use {' or '.join(LABEL_TRANSFORMS)}")
@@ -46,3 +49,13 @@ def poison(images, labels, indices, apply_trigger, bd_labels, split_size):
     return PoisonedSamples(indices=indices, images=apply_trigger(images[indices]),
                            bd_labels=np.asarray(bd_labels, dtype=np.int64)[indices],
                            original_labels=np.asarray(labels, dtype=np.int64)[indices], split_size=split_size)
+
+
+def batch_poison_count(pratio, batch_size, generator=None):
+    """How many samples of a batch an attack that poisons while training changes: int(pratio * batch_size), or, when
+    that is below one, one sample with probability pratio * batch_size (BackdoorBench's generalize_to_lower_pratio),
+    so that low poisoning rates still poison pratio of the samples on average."""
+    expected = pratio * batch_size
+    if expected >= 1:
+        return int(expected)
+    return int(float(torch.rand(1, generator=generator)) < expected)

@@ -40,8 +40,15 @@ class DeviceImages:
 
     def normalise(self, images_uint8):
         """uint8 NHWC -> float NCHW (channels_last memory), as ToTensor() then Normalize(mean, std)."""
-        pixels = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
-        return (pixels - self.mean) / self.std
+        return self.from_pixels(images_uint8.permute(0, 3, 1, 2).float())
+
+    def from_pixels(self, pixels):
+        """Float NCHW pixels in [0, 255] -> the normalised batch the model sees."""
+        return (pixels / 255.0 - self.mean) / self.std
+
+    def pixels(self, x):
+        """A normalised batch back to float NCHW pixels in [0, 255] (attacks that poison batches in pixel space)."""
+        return (x * self.std + self.mean) * 255.0
 
     def batches(self, batch_size, shuffle=False, augment=None, generator=None, with_extra=False):
         """Yield (x, y) (or (x, y, extra) with `with_extra`); the last partial batch is kept."""

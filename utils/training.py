@@ -54,11 +54,14 @@ def cross_entropy_objective(logits, labels, model):
 
 
 def train_epoch(model, data, optimizer, *, batch_size, augment, generator, amp=False, scaler=None,
-                objective=cross_entropy_objective, grad_clip=None, after_step=None, shuffle=True, progress=None):
+                objective=cross_entropy_objective, grad_clip=None, after_step=None, shuffle=True, progress=None,
+                batch_transform=None):
     """One pass over `data` (a DeviceImages) in train mode.
 
     objective(logits, labels, model) -> (loss to minimise, loss to log); gradient ascent is an objective that
     returns -CE. grad_clip clips the total gradient L2 norm. after_step(x, y) runs after each optimizer step.
+    batch_transform(x, y) -> (x, y) changes each augmented, normalised batch before the forward pass (attacks that
+    poison while training: WaNet, BPP, Input-aware); accuracy counts against the labels it returns.
     """
     model.train()
     device = data.device
@@ -66,6 +69,8 @@ def train_epoch(model, data, optimizer, *, batch_size, augment, generator, amp=F
     start = time.perf_counter()
     for x, y in tqdm(data.batches(batch_size, shuffle=shuffle, augment=augment, generator=generator),
                      total=-(-len(data) // batch_size), desc=progress, leave=False, disable=progress is None):
+        if batch_transform is not None:
+            x, y = batch_transform(x, y)
         with autocast(device, amp):
             logits = model(x)
             loss, logged = objective(logits, y, model)
@@ -217,11 +222,12 @@ def keep_freed_memory():
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
-def train_classifier(model, train_data, recipe, augment, generator, log=None, after_epoch=None):
+def train_classifier(model, train_data, recipe, augment, generator, log=None, after_epoch=None, batch_transform=None):
     """Train `model` (already on the device) on `train_data` (a DeviceImages) with SGD as `recipe` says (a
     TrainingRecipe, or a Namespace / dict of the prototype YAML's options); returns one dict per epoch with epoch,
     batches, samples, loss, train_acc, seconds and lr (its first batch's). `log` is a logger (or anything with
-    .info) for one line per epoch; after_epoch(epoch, row) runs after each epoch and may add metrics to its row."""
+    .info) for one line per epoch; after_epoch(epoch, row) runs after each epoch and may add metrics to its row;
+    batch_transform goes to train_epoch."""
     recipe = TrainingRecipe.from_options(recipe)
     device = train_data.device
     if device.type == "cpu":
@@ -238,6 +244,7 @@ def train_classifier(model, train_data, recipe, augment, generator, log=None, af
         stats = train_epoch(model, train_data, optimizer, batch_size=recipe.batch_size, augment=augment,
                             generator=generator, amp=recipe.amp, scaler=scaler, objective=objective,
                             grad_clip=recipe.grad_clip, after_step=lambda x, y: schedule.step(),
+                            batch_transform=batch_transform,
                             progress=f"epoch {epoch + 1}/{recipe.epochs}" if recipe.progress else None)
         row = {"epoch": epoch, "batches": stats.batches, "samples": stats.samples, "loss": stats.loss,
                "train_acc": stats.acc, "seconds": stats.seconds, "lr": lr}
