@@ -30,9 +30,9 @@ class Bpp(DynamicAttack):
     def squeeze(self, pixels):
         return squeeze_colours(pixels, self.args.squeeze_num, self.args.dithering)
 
-    def negative(self, pixels, partners):
+    def negative(self, pixels, partners, squeezed_partners):
         """Pixels plus the squeezing residual of other images: a trigger-like change that must not flip the label."""
-        return (pixels + self.squeeze(partners) - partners).clamp(0, 255)
+        return (pixels + squeezed_partners - partners).clamp(0, 255)
 
     def kept_count(self, poisoned, batch_size):
         return int(batch_size * self.args.neg_ratio)
@@ -40,12 +40,18 @@ class Bpp(DynamicAttack):
     def trigger_batch(self, x, data):
         return data.from_pixels(self.squeeze(data.pixels(x).round()))
 
+    def train(self, model, train_images, train_labels, args, device, logger):
+        # the whole training set squeezed once, as BackdoorBench does: negatives borrow the residual of any of it
+        self.squeezed_train = torch.from_numpy(self.apply(train_images)).to(device)
+        return super().train(model, train_images, train_labels, args, device, logger)
+
     def perturb_batch(self, x, data):
         if len(x) == 0:
             return x
         chosen = torch.randint(len(data), (len(x),), generator=self.batch_generator).to(data.device)
-        partners = data.images[chosen].permute(0, 3, 1, 2).float()
-        return data.from_pixels(self.negative(data.pixels(x).round(), partners))
+        partners, squeezed = (images[chosen].permute(0, 3, 1, 2).float()
+                              for images in (data.images, self.squeezed_train))
+        return data.from_pixels(self.negative(data.pixels(x).round(), partners, squeezed))
 
     def apply(self, images):
         return TRIGGERS["bpp"].apply(images, squeeze_num=self.args.squeeze_num, dithering=self.args.dithering)
@@ -55,7 +61,7 @@ class Bpp(DynamicAttack):
             return None
         rng = np.random.default_rng(self.args.random_seed + 2)  # the same cross images every run
         partners = images[rng.integers(0, len(images), len(images))]
-        return map_in_chunks(self.negative, images, partners)
+        return map_in_chunks(self.negative, images, partners, self.apply(partners))
 
 
 def main(argv=None):

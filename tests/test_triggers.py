@@ -107,6 +107,7 @@ def test_a_training_batch_is_poisoned_then_perturbed_then_clean(script):
     images, labels = _images(64), np.arange(64) % 10  # negatives draw partners from all 64 (seeded: never itself)
     data = DeviceImages(images, labels, "cpu", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     x, y = next(data.batches(8))
+    attack.squeezed_train = torch.from_numpy(TRIGGERS["bpp"].apply(images, dithering=True))  # as Bpp.train makes it
     images = images[:8]
     out_x, out_y = attack.poison_batch(x, y, data)
     assert out_x.shape == x.shape and out_y.tolist() == [0, 0, 2, 3, 4, 5, 6, 7]  # 2 poisoned, relabelled
