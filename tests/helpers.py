@@ -64,3 +64,16 @@ def run_defense_on_shared_record(record_parent, script, yaml_path, *extra, recor
 def relative_stem(script):
     """defense/ft.py -> ft"""
     return script.rsplit("/", 1)[-1].removesuffix(".py")
+
+
+def build_for_shapes(name, num_classes=10):
+    """A registered model for tests that need only its structure and shapes: built on the meta device (no weight
+    initialisation, seconds saved for VGG/ViT) where its constructor allows, else on the CPU."""
+    import torch
+
+    from utils.models import build_model
+    try:
+        with torch.device("meta"):
+            return build_model(name, num_classes)
+    except NotImplementedError:  # regnet computes its widths with tensors
+        return build_model(name, num_classes)
