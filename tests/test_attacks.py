@@ -1,13 +1,15 @@
 """Every attack script end to end on a small synthetic CIFAR-10: the record is written, reads back through our
 loader, and holds the right poisoned samples, pixels and labels."""
+import argparse
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
-from helpers import run_script, write_synthetic_cifar10
+from helpers import load_script, run_script, write_synthetic_cifar10
 from utils.records import load_attack_record, load_record_pickle
 from utils.safe_pickle import safe_torch_load
 from utils.triggers import TRIGGERS, wanet_grid
@@ -16,8 +18,10 @@ ATTACKS = {"badnet": ("attack/badnet.py", "config/attack/badnet/default.yaml"),
            "blended": ("attack/blended.py", "config/attack/blended/default.yaml"),
            "sig": ("attack/sig.py", "config/attack/sig/default.yaml"),
            "wanet": ("attack/wanet.py", "config/attack/wanet/default.yaml"),
-           "bpp": ("attack/bpp.py", "config/attack/bpp/default.yaml")}
-DYNAMIC = {"wanet", "bpp"}  # poison while training: int data_dict keys, cross_test_dataset/
+           "bpp": ("attack/bpp.py", "config/attack/bpp/default.yaml"),
+           # cpu.yaml: BackdoorBench's values but half an epoch of mask pre-training (25 epochs in default.yaml)
+           "inputaware": ("attack/inputaware.py", "config/attack/inputaware/cpu.yaml")}
+DYNAMIC = {"wanet", "bpp", "inputaware"}  # poison while training: int data_dict keys, cross_test_dataset/
 FAST = ["--model", "airbench_cpu", "--epochs", "1", "--batch_size", "64", "--progress", "False",
         "--device", "cpu", "--amp", "False"]
 
@@ -43,12 +47,21 @@ def test_every_registered_trigger_has_an_attack_script():
 
 
 def _trigger(name, folder):
-    """The record's trigger as a function of clean images: WaNet's from the grid saved in state_dict.pt."""
+    """The record's trigger as a function of clean images: WaNet's from the grid saved in state_dict.pt,
+    Input-aware's from the generators saved in netCGM.pt."""
+    if name == "inputaware":
+        return _inputaware(folder).apply
     if name == "wanet":
         state = safe_torch_load(folder / "state_dict.pt")
         grid = wanet_grid(state["identity_grid"], state["noise_grid"], s=0.5, grid_rescale=1)
         return lambda images: TRIGGERS["wanet"].apply(images, grid=grid)
     return TRIGGERS[name].apply
+
+
+def _inputaware(folder):
+    """The record's Input-aware attack, its generators loaded from netCGM.pt."""
+    options = argparse.Namespace(**load_record_pickle(folder, "info.pickle"))
+    return load_script("attack/inputaware.py").InputAware(options).load_generators(folder / "netCGM.pt")
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
@@ -57,7 +70,7 @@ def test_attack_writes_a_record_our_loader_reads(tmp_path, data, name):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     train_x, train_y, test_x, test_y = data[1]
     record = load_attack_record(f"{name}_test", record_dir)
-    clean_label = TRIGGERS[name].clean_label
+    clean_label = name in TRIGGERS and TRIGGERS[name].clean_label
     train_idx = record.bd_train.original_indices
     if clean_label:
         assert (train_y[train_idx] == 0).all() and len(train_idx) == int((train_y == 0).sum())
@@ -87,6 +100,13 @@ def test_attack_writes_a_record_our_loader_reads(tmp_path, data, name):
         assert sorted(int(p.stem) for p in cross) == list(range(len(test_y)))
         assert all(int(p.parent.name) == test_y[int(p.stem)] for p in cross)
         assert 0 <= table["test_cross_acc"].iloc[-1] <= 1
+    if name == "inputaware":  # the cross images: each test image with the trigger generated for another one
+        attack = _inputaware(record.folder)
+        cross = np.stack([np.asarray(Image.open(p)) for p in sorted(
+            (record.folder / "cross_test_dataset").glob("*/*.png"), key=lambda p: int(p.stem))])
+        assert np.array_equal(cross, attack.cross(test_x)) and not np.array_equal(cross, apply(test_x))
+        state = safe_torch_load(record.folder / "netCGM.pt")
+        assert set(state["netC"]) == set(record.state_dict) and state["epoch"] == 1
     if name == "wanet":
         state = safe_torch_load(record.folder / "state_dict.pt")
         assert state["identity_grid"].shape == state["noise_grid"].shape == (1, 32, 32, 2)
@@ -126,6 +146,7 @@ def test_prototype_writes_a_clean_model(tmp_path, data):
 @pytest.mark.parametrize("name, options, message", [
     ("wanet", ["--cross_ratio", "20"], "pratio * (1 + cross_ratio)"),
     ("bpp", ["--squeeze_num", "1"], "--squeeze_num"),
+    ("inputaware", ["--pratio", "0.6"], "--pratio must be in [0, 0.5]"),
 ])
 def test_bad_dynamic_attack_options_are_one_clear_error(tmp_path, data, name, options, message):
     result, record_dir = _attack(tmp_path, data, name, *options)
