@@ -1,0 +1,146 @@
+"""RNP: Reconstructive Neuron Pruning.
+
+Li, Lyu, Ma, Koren, Lyu, Li, Jiang. "Reconstructive Neuron Pruning for Backdoor Defense", ICML 2023.
+Unlearn the clean subset by gradient ascent until the clean accuracy collapses, then, on the unlearned model, learn
+a mask on every BatchNorm channel that recovers the clean accuracy (only the masks learn); the channels the recovery
+keeps switched off are the backdoor's: prune them (zero their BatchNorm scale) in the original backdoored model.
+
+    python defense/rnp.py --result_file badnet_0_1 --yaml_path config/defense/rnp/cifar10.yaml --dataset cifar10
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python defense/rnp.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from utils.defense_run import run_defense
+from utils.defense_setup import defense_parser
+from utils.errors import UserError, run_cli
+from utils.pruning import (PRUNING_DEFAULTS, BatchNormMasks, add_pruning_options, batchnorm_layers,
+                           check_pruning_args, prune_by_masks, split_for_rule)
+from utils.training import grad_scaler, train_epoch
+
+DEFENSE = "rnp"
+
+# The authors' main.py defaults (BackdoorBench's rnp.py has the same, but batch 256 and a fixed threshold 0.70).
+DEFAULTS = {
+    "yaml_path": "config/defense/rnp/config.yaml", "ratio": 0.01, "batch_size": 128,
+    "unlearning_epochs": 20, "unlearning_lr": 0.01, "schedule": [10, 20], "steplr_gamma": 0.1,
+    "sgd_momentum": 0.9, "wd": 0.0005, "clean_threshold": 0.2, "unlearning_grad_clip": 0.0,
+    "recovering_epochs": 20, "recovering_lr": 0.2, "alpha": 0.2, **PRUNING_DEFAULTS,
+}
+
+
+def build_parser():
+    parser = defense_parser("RNP: unlearn, learn BatchNorm-channel masks that recover clean accuracy, prune the "
+                            "channels they switch off in the original model.")
+    add = parser.add_argument
+    add("--unlearning_epochs", type=int, help="at most this many epochs of gradient ascent")
+    add("--unlearning_lr", type=float)
+    add("--schedule", type=int, nargs="+", help="unlearning MultiStepLR milestones (epochs)")
+    add("--steplr_gamma", type=float, help="unlearning MultiStepLR factor")
+    add("--sgd_momentum", type=float, help="momentum of the unlearning and the mask SGD")
+    add("--wd", type=float, help="unlearning weight decay")
+    add("--clean_threshold", type=float, help="stop unlearning after the epoch whose training accuracy is <= this")
+    add("--unlearning_grad_clip", type=float,
+        help="clip the total gradient norm while unlearning (0: off; the reference calls its clip of 20 before "
+             "backward, where it clips nothing)")
+    add("--recovering_epochs", type=int)
+    add("--recovering_lr", type=float, help="mask learning rate")
+    add("--alpha", type=float, help="weight of the cross-entropy while recovering (the reference's 0.2)")
+    add_pruning_options(parser)
+    return parser
+
+
+def check_args(args):
+    for name in ("unlearning_epochs", "recovering_epochs"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0")
+    for name in ("unlearning_lr", "recovering_lr", "alpha"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be > 0")
+    if not 0 <= args.clean_threshold <= 1:
+        raise UserError(f"--clean_threshold is an accuracy in [0, 1], got {args.clean_threshold}")
+    check_pruning_args(args)
+
+
+def gradient_ascent(logits, labels, _model):
+    loss = F.cross_entropy(logits, labels)
+    return -loss, loss
+
+
+def unlearn(run, model, data):
+    """Gradient ascent on the clean data until an epoch's running training accuracy is <= clean_threshold."""
+    args = run.args
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.unlearning_lr, momentum=args.sgd_momentum,
+                                weight_decay=args.wd)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(args.schedule), gamma=args.steplr_gamma)
+    scaler = grad_scaler(run.device, args.amp)
+    rows = []
+    for epoch in range(args.unlearning_epochs):
+        stats = train_epoch(model, data, optimizer, batch_size=args.batch_size, augment=run.setup.augmentation,
+                            generator=run.generator, amp=args.amp, scaler=scaler, objective=gradient_ascent,
+                            grad_clip=args.unlearning_grad_clip or None)
+        scheduler.step()
+        run.count_images("unlearn", stats.samples)
+        rows.append(run.epoch_row(epoch, stats, model))
+        run.logger.info(f"unlearning epoch {epoch}: loss {stats.loss:.4f}, train acc {stats.acc:.4f} "
+                        f"({stats.seconds:.1f} s)")
+        if stats.acc <= args.clean_threshold:
+            run.logger.info(f"unlearning stopped: train acc {stats.acc:.4f} <= {args.clean_threshold}")
+            break
+    else:
+        run.logger.info(f"unlearning ran all {args.unlearning_epochs} epochs without reaching train acc <= "
+                        f"{args.clean_threshold}")
+    return rows
+
+
+def recover(run, model, masks, data):
+    """Learn only the channel masks of the unlearned model to recover the clean data (alpha * CE), clipped to
+    [0, 1] after each step."""
+    args = run.args
+    model.requires_grad_(False)  # the weights stay as unlearning left them; no weight gradients are computed
+    optimizer = torch.optim.SGD(masks.parameters(), lr=args.recovering_lr, momentum=args.sgd_momentum)
+    scaler = grad_scaler(run.device, args.amp)
+
+    def weighted_cross_entropy(logits, labels, _model):
+        loss = args.alpha * F.cross_entropy(logits, labels)
+        return loss, loss
+
+    rows = []
+    for epoch in range(args.recovering_epochs):
+        stats = train_epoch(model, data, optimizer, batch_size=args.batch_size, augment=run.setup.augmentation,
+                            generator=run.generator, amp=args.amp, scaler=scaler, objective=weighted_cross_entropy,
+                            after_step=lambda x, y: masks.clip_())
+        run.count_images("recover", stats.samples)
+        rows.append(run.epoch_row(epoch, stats, model))
+        run.logger.info(f"recovering epoch {epoch}: loss {stats.loss:.4f}, train acc {stats.acc:.4f} "
+                        f"({stats.seconds:.1f} s)")
+    return rows
+
+
+def defend(run):
+    setup = run.setup
+    model = setup.model  # unlearned and masked in place; the pruned model is a fresh copy of the original
+    batchnorm_layers(model, "RNP")  # a model without BatchNorm fails here, before any work
+    data, holdout = split_for_rule(setup.clean_subset, run.args, run.generator)
+    with run.phase("unlearn"):
+        run.add_epoch_table("unlearn_df", unlearn(run, model, data))
+    run.summary.update(unlearning_epochs_run=len(run.epoch_tables["unlearn_df"]), mask_samples=len(data))
+
+    with run.phase("recover"), BatchNormMasks(model, "RNP") as masks:
+        run.add_epoch_table("recover_df", recover(run, model, masks, data))
+        values = masks.values()
+
+    return prune_by_masks(run, values, holdout)
+
+
+def main(argv=None):
+    return run_defense(build_parser(), argv, DEFAULTS, DEFENSE, "RNP", defend, check_args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
