@@ -1,0 +1,235 @@
+"""CLP: Channel Lipschitzness-based Pruning (data-free).
+
+Zheng, Tang, Li, Liu. "Data-free Backdoor Removal based on Channel Lipschitzness", ECCV 2022.
+For every Conv2d whose output feeds a BatchNorm2d, each output channel's Lipschitz upper bound is the largest
+singular value of its filter (reshaped to in_channels x k*k) scaled by |gamma| / sigma of the BatchNorm; channels
+whose bound exceeds mean + u * std of their layer are pruned (the BatchNorm's weight and bias set to zero).
+
+Which BatchNorm belongs to which conv (`--pairing`):
+- `traced` (default): a forward pass on one blank image follows the data: a BatchNorm is paired with the conv whose
+  output it receives, directly or through channel-wise modules (pooling, activations, dropout: they scale every
+  channel of a layer alike, so the within-layer outlier rule is unchanged). In a pre-activation network
+  (PreAct-ResNet18: bn1 -> conv1 -> bn2 -> conv2) this pairs each conv1 with its bn2 and the stem conv with
+  layer1.0.bn1; the other bn1 layers normalise a residual sum, which no single conv's bound describes, and are not
+  scored.
+- `module_order`: the authors' and BackdoorBench's rule: each BatchNorm2d with the last Conv2d before it in
+  named_modules order (in PreAct-ResNet18 that pairs every bn1 with the previous block's conv2 or shortcut conv).
+
+    python defense/clp.py --result_file badnet_0_1 --yaml_path config/defense/clp/cifar10.yaml --dataset cifar10
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python defense/clp.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils.config import str2bool
+from utils.defense_run import run_defense
+from utils.defense_setup import defense_parser
+from utils.errors import UserError, run_cli
+from utils.pruning import prune_channels
+from utils.reporting import write_table
+from utils.training import accuracy
+
+DEFENSE = "clp"
+
+# The paper's u = 3 (BackdoorBench's config/defense/clp: u 3; its sweep u_min 0, u_max 10, u_num 21). CLP uses no
+# data; the frame's clean subset (1%) only measures the clean-subset accuracy after pruning.
+DEFAULTS = {"yaml_path": "config/defense/clp/config.yaml", "u": 3.0, "pairing": "traced", "sweep": False,
+            "u_min": 0.0, "u_max": 10.0, "u_num": 21, "ratio": 0.01}
+
+# Modules that act on each channel separately and keep the channel count: a BatchNorm after them still normalises
+# the conv's channels.
+CHANNELWISE = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Dropout,
+               nn.Dropout2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish)
+
+
+def build_parser():
+    parser = defense_parser("CLP: prune channels with an outlying Lipschitz upper bound (data-free).")
+    add = parser.add_argument
+    add("--u", type=float, help="prune channels whose bound exceeds mean + u * std of their layer")
+    add("--pairing", type=str, choices=["traced", "module_order"],
+        help="pair each BatchNorm2d with the conv that feeds it (traced) or the conv before it in module order")
+    add("--sweep", type=str2bool,
+        help="analysis only: also evaluate the TEST sets for u in linspace(u_min, u_max, u_num) "
+             "(u_sweep_test_metrics.csv); never used for the saved model")
+    add("--u_min", type=float)
+    add("--u_max", type=float)
+    add("--u_num", type=int)
+    return parser
+
+
+def check_args(args):
+    if not np.isfinite(args.u):
+        raise UserError("--u must be a finite number")
+    if args.sweep and (args.u_num < 1 or not args.u_min <= args.u_max):
+        raise UserError("--sweep needs --u_num >= 1 and --u_min <= --u_max")
+
+
+def conv_bn_pairs(model, img_size, pairing="traced"):
+    """[(conv name, conv, BatchNorm name, BatchNorm)] of the conv -> BatchNorm2d pairs CLP scores, in order."""
+    modules = dict(model.named_modules())
+    has_conv = any(isinstance(m, nn.Conv2d) for m in modules.values())
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in modules.values())
+    if not (has_conv and has_bn):
+        raise UserError(f"CLP needs Conv2d layers followed by BatchNorm2d; this model has "
+                        f"{'no Conv2d' if not has_conv else 'no BatchNorm2d'} (CLP does not apply to it)")
+    names = traced_pairs(model, img_size) if pairing == "traced" else module_order_pairs(model)
+    pairs = [(conv, modules[conv], bn, modules[bn]) for conv, bn in names if scorable(modules[conv], modules[bn])]
+    if not pairs:
+        raise UserError("CLP found no Conv2d whose output feeds a BatchNorm2d (with affine weights and running "
+                        "statistics) in this model: nothing to score")
+    return pairs
+
+
+def scorable(conv, bn):
+    return conv.out_channels == bn.num_features and bn.weight is not None and bn.running_var is not None
+
+
+def module_order_pairs(model):
+    """Each BatchNorm2d with the last Conv2d before it in named_modules order (the authors' and BackdoorBench's)."""
+    pairs, last_conv = [], None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            last_conv = name
+        elif isinstance(module, nn.BatchNorm2d) and last_conv is not None:
+            pairs.append((last_conv, name))
+    return pairs
+
+
+def traced_pairs(model, img_size):
+    """Conv -> BatchNorm2d pairs by data flow: forward one blank image (eval mode, running statistics untouched)
+    and pair a BatchNorm2d with the conv whose output tensor reaches it, directly or through CHANNELWISE modules."""
+    source = {}  # id(tensor) -> name of the conv that produced it
+    alive = []  # keep every tracked tensor referenced so that no id is reused during the pass
+    found = {}  # BatchNorm name -> set of conv names seen feeding it
+
+    def conv_output(name):
+        def hook(_module, _inputs, output):
+            source[id(output)] = name
+            alive.append(output)
+        return hook
+
+    def passed_through(_module, inputs, output):
+        conv = source.get(id(inputs[0])) if inputs and torch.is_tensor(inputs[0]) else None
+        if conv is not None and torch.is_tensor(output) and output.shape[1] == inputs[0].shape[1]:
+            source[id(output)] = conv
+            alive.append(output)
+
+    def bn_input(name):
+        def hook(_module, inputs):
+            found.setdefault(name, set()).add(source.get(id(inputs[0])))
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_output(name)))
+        elif isinstance(module, nn.BatchNorm2d):
+            handles.append(module.register_forward_pre_hook(bn_input(name)))
+        elif isinstance(module, CHANNELWISE):
+            handles.append(module.register_forward_hook(passed_through))
+    parameter = next(model.parameters())
+    height, width, channels = img_size
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, channels, height, width, dtype=parameter.dtype, device=parameter.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    # a BatchNorm reached once, from one conv (one that is also fed by a sum or by two convs is left out)
+    return [(next(iter(convs)), bn) for bn, convs in found.items() if len(convs) == 1 and None not in convs]
+
+
+def channel_lipschitz_bounds(conv, bn):
+    """Per output channel k: largest singular value of W_k (in_channels/groups x kh*kw) * |gamma_k| / sigma_k,
+    sigma_k = sqrt(running_var_k + eps), the BatchNorm's scale in eval mode (the authors' code omits eps)."""
+    weight = conv.weight.detach().float().cpu()
+    scale = bn.weight.detach().float().cpu().abs() / torch.sqrt(bn.running_var.detach().float().cpu() + bn.eps)
+    matrices = weight.reshape(weight.shape[0], weight.shape[1], -1) * scale[:, None, None]
+    return torch.linalg.svdvals(matrices)[:, 0]
+
+
+def outlier_channels(bounds, u):
+    """Channels whose bound exceeds mean + u * std of the layer (unbiased std, as the authors' torch code)."""
+    threshold = bounds.mean() + u * bounds.std()
+    return torch.nonzero(bounds > threshold).flatten().tolist(), float(threshold)
+
+
+def prune(model, scored, u):
+    """Prune `model`'s outlying channels at `u` from precomputed bounds {bn name: bounds}: zero their BatchNorm
+    weight and bias (in eval mode they output 0). Returns {bn name: (channels, threshold)} of every scored one."""
+    decisions = {bn_name: outlier_channels(bounds, u) for bn_name, bounds in scored.items()}
+    prune_channels(model, {bn_name: channels for bn_name, (channels, _) in decisions.items()}, zero_bias=True)
+    return decisions
+
+
+def sweep(run, scored):
+    """Analysis only (uses the TEST sets): metrics of the model pruned at each u; the saved model is not touched."""
+    setup, args = run.setup, run.args
+    rows = []
+    for u in np.linspace(args.u_min, args.u_max, args.u_num):
+        model = setup.fresh_backdoored_model()
+        decisions = prune(model, scored, float(u))
+        metrics = run.evaluate(model)
+        run.count_images("sweep_analysis", setup.eval_sets.images() + len(setup.clean_subset))
+        rows.append({"u": float(u), "pruned_channels": sum(len(c) for c, _ in decisions.values()),
+                     "clean_subset_acc": accuracy(model, setup.clean_subset, args.eval_batch_size), **metrics,
+                     "note": "analysis only: test data, not used for the saved model"})
+        run.logger.info(f"sweep (analysis, test data) u {u:.2f}: {rows[-1]['pruned_channels']} channels pruned, "
+                        f"ACC {metrics['test_acc']:.4f}, ASR {metrics['test_asr']:.4f}, RA {metrics['test_ra']:.4f}")
+    return rows
+
+
+def defend(run):
+    setup, args = run.setup, run.args
+    model = setup.model
+    with run.phase("clean_subset_check"):
+        acc_before = accuracy(model, setup.clean_subset, args.eval_batch_size)
+    run.count_images("clean_subset_check", len(setup.clean_subset))
+
+    with run.phase("prune"):
+        pairs = conv_bn_pairs(model, setup.record.img_size, args.pairing)
+        scored = {bn_name: channel_lipschitz_bounds(conv, bn) for _, conv, bn_name, bn in pairs}
+        decisions = prune(model, scored, args.u)
+    table = []
+    for conv_name, _, bn_name, _ in pairs:
+        channels, threshold = decisions[bn_name]
+        run.logger.info(f"{conv_name} -> {bn_name}: threshold {threshold:.4f}, pruned channels {channels}")
+        table += [{"layer": conv_name, "bn": bn_name, "channel": channel, "lipschitz_upper_bound": float(value),
+                   "threshold": threshold, "pruned": channel in channels}
+                  for channel, value in enumerate(scored[bn_name])]
+    write_table(table, run.path / "channel_lipschitz.csv")
+
+    with run.phase("clean_subset_check"):
+        acc_after = accuracy(model, setup.clean_subset, args.eval_batch_size)
+    run.count_images("clean_subset_check", len(setup.clean_subset))
+    pruned = {bn_name: channels for bn_name, (channels, _) in decisions.items() if channels}
+    run.logger.info(f"{len(pairs)} conv -> BatchNorm pairs scored ({args.pairing}), "
+                    f"{sum(map(len, pruned.values()))} of {len(table)} channels pruned at u {args.u}; clean-subset "
+                    f"accuracy {acc_before:.4f} -> {acc_after:.4f}")
+    run.summary.update(u=args.u, pairing=args.pairing, pairs_scored=len(pairs), channels_scored=len(table),
+                       pruned_channels=pruned, pruned_count=sum(map(len, pruned.values())),
+                       clean_subset_acc_before=acc_before, clean_subset_acc_after=acc_after)
+
+    if args.sweep:
+        run.logger.info("--sweep: evaluating the TEST sets for each u (analysis only; the saved model uses "
+                        f"u {args.u})")
+        with run.phase("sweep_analysis"):
+            write_table(sweep(run, scored), run.path / "u_sweep_test_metrics.csv")
+    return model
+
+
+def main(argv=None):
+    return run_defense(build_parser(), argv, DEFAULTS, DEFENSE, "CLP", defend, check_args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
