@@ -72,16 +72,17 @@ def test_yaml_problems_are_user_errors(tmp_path):
 
 def test_shipped_ulrl_configs_hold_the_reference_values():
     from helpers import load_script
+    from utils.defense_setup import parse_defense_args
     ulrl = load_script("defense/ulrl.py")
     for name, lr, alpha in (("config", 0.005, 0.7), ("cifar10", 0.005, 0.7), ("cifar100", 0.001, 0.001),
                             ("gtsrb", 0.001, 0.001), ("tiny", 0.001, 0.001)):
-        args = ulrl.parse_defense_args(ulrl.build_parser(), ["--result_file", "x", "--yaml_path",
+        args = parse_defense_args(ulrl.build_parser(), ["--result_file", "x", "--yaml_path",
                                                               f"config/defense/ulrl/{name}.yaml"], ulrl.DEFAULTS)
         assert (args.relearn_lr, args.relearn_alpha) == (lr, alpha)
         assert args.unlearning_epochs == 20 and args.relearn_epochs == 20 and args.steplr_milestones == [10, 20]
         assert args.clean_threshold == 0.2 and args.ratio == 0.01 and args.init is True and args.amp is True
         assert args.selection == "first" and args.max_neurons == 2 and args.scope == "head"
-    overridden = ulrl.parse_defense_args(ulrl.build_parser(), ["--result_file", "x", "--init", "False",
+    overridden = parse_defense_args(ulrl.build_parser(), ["--result_file", "x", "--init", "False",
                                                                 "--steplr_milestones", "3", "6"], ulrl.DEFAULTS)
     assert overridden.init is False and overridden.steplr_milestones == [3, 6]
 
