@@ -30,6 +30,11 @@ def none_or_str(text):
     return None if str(text).strip().lower() in ("", "none", "null") else text
 
 
+def none_or_float(text):
+    """argparse type for an optional number: 'none', 'null' or '' mean None."""
+    return None if str(text).strip().lower() in ("", "none", "null") else float(text)
+
+
 def read_yaml(path):
     """A YAML mapping from `path` (relative to the working directory, else to the repository root)."""
     candidate = Path(path)

@@ -1,0 +1,402 @@
+"""TSBD: Two-Stage Backdoor Defense.
+
+Lin, Liu, Wei, Li, Xiong. "Unveiling and Mitigating Backdoor Vulnerabilities based on Unlearning Weight Changes and
+Backdoor Activeness", NeurIPS 2024 (arXiv 2405.20291).
+
+Stage 1a  unlearn the clean subset by gradient ascent (lr 1e-4) until the subset's accuracy is <= 0.10.
+Stage 1b  neuron weight change (NWC): for every output channel of every Conv2d layer but the shortcut convs, the
+          sum of |W_unlearned - W_original|; all channels ranked together.
+Stage 1c  in the ORIGINAL backdoored model, zero the weights of the top share n of channels whose change is within
+          the top share m of those channels' pooled changes.
+Stage 2   activeness-aware fine-tuning on the clean subset: the gradient at theta and at theta + r * g / ||g|| (per
+          parameter tensor) are mixed (1 - alpha) : alpha, which penalises the gradient norm.
+
+Choosing n (the reference sweeps it and reads the test set; this script saves one model per run):
+`--n X` uses X. Otherwise a rule that reads the clean subset only picks it: a seeded share `select_holdout` (20%)
+of the clean subset is held out; for each n of `n_grid`, in increasing order, the original model is re-initialised
+with that n and fine-tuned for `select_epochs` epochs with the stage-2 step on the rest; n is accepted while the
+held-out accuracy stays >= (the original model's held-out accuracy - `select_tolerance`). The first rejected n
+ends the search; the largest accepted n is used (0: nothing re-initialised, when even the smallest is rejected).
+Why: a larger n removes more of the weights the unlearning moved most, which is where the backdoor lives; the clean
+function those weights also carry must stay recoverable with the clean data we have. The short fine-tuning makes
+the check pessimistic (stage 2 trains 21 epochs on all the data), so the rule errs towards smaller n.
+`--sweep` adds the reference's analysis: stage-1 test metrics for every n of the grid (stage1_df_m<m>.csv). It
+reads the test sets and is never used to choose the saved model.
+
+    python defense/tsbd.py --result_file badnet_0_1 --yaml_path config/defense/tsbd/config.yaml --dataset cifar10
+"""
+import copy
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python defense/tsbd.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.config import none_or_float, str2bool
+from utils.defense_run import run_defense
+from utils.defense_setup import defense_parser
+from utils.errors import UserError, run_cli
+from utils.models import cpu_state_dict
+from utils.reporting import write_table
+from utils.tensor_data import augment_batch
+from utils.training import EpochStats, accuracy, grad_scaler, train_epoch
+
+DEFENSE = "tsbd"
+MOMENTUM = 0.9  # both stages (the reference's SGD; its YAML's sgd_momentum is never read)
+EVAL_EVERY = 10  # stage 2 evaluates the test sets after epochs 0, 10, 20 (the reference)
+N_GRID = [0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9]  # the reference's sweep
+
+# The reference's config/defense/tsbd/config.yaml values that its code reads, plus this implementation's options.
+DEFAULTS = {
+    "yaml_path": "config/defense/tsbd/config.yaml", "ratio": 0.05, "batch_size": 256, "epochs": 1000,
+    "lr_un": 0.0001, "lr_ft": 0.01, "m": 0.7, "ft_epoch": 20, "r": 0.05, "alpha": 0.7, "random_seed": 0,
+    "clean_threshold": 0.10, "n": None, "n_grid": N_GRID, "sweep": False, "select_holdout": 0.2,
+    "select_epochs": 2, "select_tolerance": 0.05, "skip_layers": ["shortcut", "downsample", "proj"],
+}
+
+
+def build_parser():
+    parser = defense_parser("TSBD: unlearn, rank conv channels by weight change, zero the top ones in the original "
+                            "model, fine-tune with a gradient-norm penalty.")
+    add = parser.add_argument
+    add("--epochs", type=int, help="stage 1a: at most this many unlearning epochs")
+    add("--lr_un", type=float, help="stage 1a: unlearning learning rate")
+    add("--clean_threshold", type=float,
+        help="stage 1a: stop once the clean subset's accuracy (eval mode, training augmentation) is <= this")
+    add("--skip_layers", type=str, nargs="*",
+        help="stage 1b: Conv2d layers with one of these name components are not scored (residual shortcuts)")
+    add("--n", type=none_or_float,
+        help="stage 1c: share of all scored channels to re-initialise (default: chosen by the clean-subset rule)")
+    add("--m", type=float, help="stage 1c: zero the top share m of the selected channels' pooled weight changes")
+    add("--n_grid", type=float, nargs="+", help="candidate n values of the selection rule and of --sweep")
+    add("--select_holdout", type=float, help="n rule: share of the clean subset held out to check accuracy")
+    add("--select_epochs", type=int, help="n rule: stage-2 epochs per candidate on the rest of the clean subset")
+    add("--select_tolerance", type=float,
+        help="n rule: accept n while held-out accuracy >= the original model's minus this")
+    add("--sweep", type=str2bool,
+        help="ANALYSIS ONLY, reads the test sets: stage-1 test metrics for every n of --n_grid "
+             "(stage1_df_m<m>.csv); never used to choose the saved model")
+    add("--ft_epoch", type=int, help="stage 2 runs ft_epoch + 1 epochs")
+    add("--lr_ft", type=float, help="stage 2: fine-tuning learning rate (constant)")
+    add("--r", type=float, help="stage 2: finite-difference radius per parameter tensor")
+    add("--alpha", type=float, help="stage 2: weight of the gradient at the perturbed point")
+    return parser
+
+
+def check_args(args):
+    if args.epochs < 1 or args.ft_epoch < 0 or args.select_epochs < 0:
+        raise UserError("--epochs must be >= 1, --ft_epoch and --select_epochs >= 0")
+    if args.n is not None and not 0 <= args.n <= 1:
+        raise UserError(f"--n must be in [0, 1], got {args.n}")
+    if not args.n_grid or any(not 0 < n <= 1 for n in args.n_grid):
+        raise UserError(f"--n_grid needs values in (0, 1], got {args.n_grid}")
+    if not 0 <= args.m < 1:
+        raise UserError(f"--m must be in [0, 1), got {args.m}")
+    if not 0 < args.select_holdout < 1:
+        raise UserError(f"--select_holdout must be in (0, 1), got {args.select_holdout}")
+    if args.r < 0 or not 0 <= args.alpha <= 1:
+        raise UserError(f"--r must be >= 0 and --alpha in [0, 1], got {args.r}, {args.alpha}")
+
+
+# ---------------------------------------------------------------- stage 1a: clean unlearning
+
+def images_like(data, images, labels):
+    """A DeviceImages view holding other uint8 images/labels with `data`'s device and normalisation."""
+    view = copy.copy(data)
+    view.images, view.labels, view.extra = images, labels, {}
+    return view
+
+
+def augmented_accuracy(model, data, augmentation, generator):
+    """Eval-mode accuracy of one augmented draw of `data` (the reference's unlearning check)."""
+    return accuracy(model, images_like(data, augment_batch(data.images, augmentation, generator), data.labels))
+
+
+def gradient_ascent(logits, labels, _model):
+    loss = F.cross_entropy(logits, labels)
+    return -loss, loss
+
+
+def unlearn(run):
+    """A copy of the backdoored model trained with -CE on the clean subset (unshuffled, augmented) until its
+    augmented eval-mode accuracy is <= clean_threshold. Returns (model, epoch rows, last accuracy)."""
+    setup, args = run.setup, run.args
+    model = setup.fresh_backdoored_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr_un, momentum=MOMENTUM)
+    scaler = grad_scaler(setup.device, args.amp)
+    rows, clean_acc = [], None
+    for epoch in range(args.epochs):
+        stats = train_epoch(model, setup.clean_subset, optimizer, batch_size=args.batch_size,
+                            augment=setup.augmentation, generator=run.generator, amp=args.amp, scaler=scaler,
+                            objective=gradient_ascent, shuffle=False)
+        clean_acc = augmented_accuracy(model, setup.clean_subset, setup.augmentation, run.generator)
+        run.count_images("unlearn", 2 * stats.samples)
+        rows.append(run.epoch_row(epoch, stats, model))
+        run.logger.info(f"unlearning epoch {epoch}: loss {stats.loss:.4f}, clean-subset acc {clean_acc:.4f} "
+                        f"({stats.seconds:.1f} s)")
+        if clean_acc <= args.clean_threshold:
+            break
+    else:
+        run.logger.warning(f"unlearning ran all {args.epochs} epochs without reaching clean-subset accuracy <= "
+                           f"{args.clean_threshold}")
+    return model, rows, clean_acc
+
+
+# ---------------------------------------------------------------- stage 1b: neuron weight change
+
+def nwc_layers(model, skip=("shortcut", "downsample", "proj")):
+    """{parameter name: weight} of every Conv2d layer whose qualified name has no component in `skip`."""
+    skip = set(skip)
+    convs = {name: module for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
+    if not convs:
+        raise UserError(f"TSBD scores the output channels of Conv2d layers, and this model "
+                        f"({type(model).__name__}) has none")
+    layers = {f"{name}.weight": module.weight for name, module in convs.items() if not skip & set(name.split("."))}
+    if not layers:
+        raise UserError(f"every Conv2d layer of this model is skipped by --skip_layers {' '.join(sorted(skip))}")
+    return layers
+
+
+def weight_changes(original, unlearned):
+    """{name: |W_unlearned - W_original|} per weight, for the layers of `original` (a nwc_layers dict)."""
+    return {name: (unlearned[name].detach().float() - weight.detach().float()).abs()
+            for name, weight in original.items()}
+
+
+def rank_neurons(deltas):
+    """[(layer, channel, NWC)] of every output channel, NWC = sum of its weights' changes rounded to 4 decimals,
+    sorted by decreasing NWC; the stable sort keeps layer and channel order on ties."""
+    entries = []
+    for name, delta in deltas.items():
+        scores = delta.flatten(1).sum(1).double().cpu().tolist()
+        entries.extend((name, channel, round(score, 4)) for channel, score in enumerate(scores))
+    return sorted(entries, key=lambda entry: -entry[2])
+
+
+def write_nwc(path, ranking):
+    with open(path, "w") as handle:
+        handle.write("No \t Layer_Name \t Neuron_Idx \t Score \n")
+        for number, (name, channel, score) in enumerate(ranking):
+            handle.write(f"{number} \t {name} \t {channel} \t {score:.4f} \n")
+
+
+# ---------------------------------------------------------------- stage 1c: zero re-initialisation
+
+def zero_reinit(model, deltas, ranking, n, m):
+    """Zero, in `model`, the weights of the top int(len(ranking) * n) channels whose change is >= tau, tau being
+    the value at position int(len * m) of those channels' pooled changes sorted in decreasing order.
+    Returns (channels selected, weights zeroed)."""
+    count = int(len(ranking) * n)
+    selected = {}
+    for name, channel, _ in ranking[:count]:
+        selected.setdefault(name, []).append(channel)
+    if not selected:
+        return 0, 0
+    index = {name: torch.tensor(channels, device=deltas[name].device) for name, channels in selected.items()}
+    pool = torch.cat([deltas[name][rows].flatten() for name, rows in index.items()])
+    tau = pool.sort(descending=True).values[int(len(pool) * m)]
+    parameters = dict(model.named_parameters())
+    zeroed = 0
+    with torch.no_grad():
+        for name, rows in index.items():
+            weight = parameters[name]
+            mask = deltas[name][rows] >= tau
+            weight[rows] = weight[rows].masked_fill(mask.to(weight.device), 0.0)
+            zeroed += int(mask.sum())
+    return count, zeroed
+
+
+# ---------------------------------------------------------------- stage 2: activeness-aware fine-tuning
+
+def step_autocast(device, enabled):
+    """bfloat16 autocast for the stage-2 gradients: unlike float16 it needs no loss scaling."""
+    enabled = enabled and (device.type != "cuda" or torch.cuda.is_bf16_supported())
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def gradients(model, params, x, y, amp):
+    with step_autocast(x.device, amp):
+        loss = F.cross_entropy(model(x), y)
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def activeness_aware_step(model, temp, optimizer, x, y, r, alpha, amp=False):
+    """One update of `model` with (1 - alpha) g1 + alpha g2: g1 = grad CE at theta, g2 = grad CE at
+    theta + r * g1_p / ||g1_p|| per parameter tensor p. Both gradients come from `temp`, a copy of `model` (train
+    mode) whose parameters are overwritten here, so `model`'s BatchNorm statistics are left alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    temp_params = [p for p in temp.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for t, p in zip(temp_params, params):
+            t.copy_(p)
+    g1 = gradients(temp, temp_params, x, y, amp)
+    with torch.no_grad():
+        for t, g in zip(temp_params, g1):
+            norm = g.norm() if g is not None else 0.0
+            if norm > 0:  # an unused or flat tensor stays where it is
+                t.add_(g, alpha=r / float(norm))
+    g2 = gradients(temp, temp_params, x, y, amp)
+    optimizer.zero_grad(set_to_none=True)
+    for p, a, b in zip(params, g1, g2):
+        if a is not None:
+            p.grad = (1 - alpha) * a + alpha * b
+    optimizer.step()
+
+
+def finetune(model, data, args, augmentation, generator, epochs, after_epoch=None):
+    """`epochs` epochs of activeness-aware SGD (lr_ft, constant) over `data`, unshuffled and augmented; after each
+    step one train-mode forward pass (the only BatchNorm update) gives the logged loss and accuracy.
+    after_epoch(epoch, EpochStats) runs after each epoch."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr_ft, momentum=MOMENTUM)
+    temp = copy.deepcopy(model).train()
+    for epoch in range(epochs):
+        model.train()  # after_epoch may have evaluated it
+        loss_sum, correct, batches, start = 0.0, 0, 0, time.perf_counter()
+        for x, y in data.batches(args.batch_size, augment=augmentation, generator=generator):
+            activeness_aware_step(model, temp, optimizer, x, y, args.r, args.alpha, args.amp)
+            with torch.no_grad(), step_autocast(x.device, args.amp):
+                logits = model(x)
+            loss_sum += float(F.cross_entropy(logits.float(), y))
+            correct += int((logits.argmax(1) == y).sum())
+            batches += 1
+        if after_epoch is not None:
+            after_epoch(epoch, EpochStats(loss_sum / max(batches, 1), correct / max(len(data), 1), batches,
+                                          len(data), time.perf_counter() - start))
+    return model
+
+
+# ---------------------------------------------------------------- choosing n from the clean subset only
+
+def largest_accepted(candidates, heldout_accuracy, reference, tolerance):
+    """Walk `candidates` in increasing order while heldout_accuracy(n) >= reference - tolerance; returns the last
+    accepted n (0.0 when the first is rejected) and one row per candidate tried."""
+    chosen, rows = 0.0, []
+    for n in sorted(candidates):
+        acc, details = heldout_accuracy(n)
+        accepted = acc >= reference - tolerance - 1e-12  # 0.93 - 0.05 is 0.8800000000000001
+        rows.append({"n": n, **details, "heldout_acc": acc, "accepted": accepted})
+        if not accepted:
+            break
+        chosen = n
+    return chosen, rows
+
+
+def choose_n(run, deltas, ranking):
+    """The selection rule of the module docstring. Returns (n, evidence for summary.json)."""
+    setup, args = run.setup, run.args
+    data = setup.clean_subset
+    generator = torch.Generator().manual_seed(args.random_seed)  # its own draws: stage 2 does not depend on the rule
+    order = torch.randperm(len(data), generator=generator).to(data.device)
+    held = int(len(data) * args.select_holdout)
+    if not 0 < held < len(data):
+        raise UserError(f"--select_holdout {args.select_holdout} of {len(data)} clean samples leaves no held-out "
+                        "or no training sample; pass --n or change --select_holdout/--ratio")
+    heldout = images_like(data, data.images[order[:held]], data.labels[order[:held]])
+    train = images_like(data, data.images[order[held:]], data.labels[order[held:]])
+    reference = accuracy(setup.model, heldout)
+    run.logger.info(f"n rule: original model's accuracy on {held} held-out clean samples {reference:.4f}; "
+                    f"accept n while >= {reference - args.select_tolerance:.4f}")
+
+    def heldout_accuracy(n):
+        model = setup.fresh_backdoored_model()
+        count, zeroed = zero_reinit(model, deltas, ranking, n, args.m)
+        finetune(model, train, args, setup.augmentation, generator, args.select_epochs)
+        acc = accuracy(model, heldout)
+        run.count_images("select_n", 3 * len(train) * args.select_epochs + held)
+        run.logger.info(f"n rule: n {n}: {count} channels, {zeroed} weights zeroed, held-out acc {acc:.4f}")
+        return acc, {"n_number": count, "reinit_weight_num": zeroed}
+
+    n, rows = largest_accepted(args.n_grid, heldout_accuracy, reference, args.select_tolerance)
+    run.count_images("select_n", held)
+    write_table(rows, run.path / "n_selection.csv")
+    run.logger.info(f"n rule chose n = {n}" + ("" if n else " (even the smallest candidate lost too much "
+                                                             "held-out accuracy: nothing is re-initialised)"))
+    return n, {"reference_heldout_acc": reference, "heldout": held, "tolerance": args.select_tolerance,
+               "epochs": args.select_epochs, "candidates": rows}
+
+
+def stage1_rows(run, deltas, ranking, n):
+    """stage1_df rows (test metrics of re-initialised models, before stage 2): the defended n, and with --sweep
+    every n of the grid (analysis only: reads the test sets, chooses nothing)."""
+    args = run.args
+    values = sorted(set(args.n_grid) | {n}) if args.sweep else [n]
+    rows = []
+    for value in values:
+        model = run.setup.fresh_backdoored_model()
+        count, zeroed = zero_reinit(model, deltas, ranking, value, args.m)
+        metrics = run.evaluate(model)
+        run.count_images("stage1_test", run.setup.eval_sets.images())
+        rows.append({"n": value, "n_number": count, "m": args.m, "reinit_weight_num": zeroed, **metrics,
+                     "defended": value == n})
+        run.logger.info(f"stage 1 (test data{', analysis only' if value != n else ''}): n {value}: {count} "
+                        f"channels, {zeroed} weights zeroed: ACC {metrics['test_acc']:.4f}, ASR "
+                        f"{metrics['test_asr']:.4f}, RA {metrics['test_ra']:.4f}")
+    return rows
+
+
+# ---------------------------------------------------------------- the defense
+
+def defend(run):
+    setup, args = run.setup, run.args
+    original = nwc_layers(setup.model, args.skip_layers)  # fails early for a model without conv layers
+
+    with run.phase("unlearn"):
+        unlearned, unlearn_rows, unlearned_acc = unlearn(run)
+    torch.save({"model_name": setup.record.model_name, "num_classes": setup.record.num_classes,
+                "model": cpu_state_dict(unlearned)}, run.path / "unlearned_model.pt")
+    run.add_epoch_table("unlearn_df", unlearn_rows)
+
+    with run.phase("nwc"):
+        deltas = weight_changes(original, dict(unlearned.named_parameters()))
+        ranking = rank_neurons(deltas)
+        write_nwc(run.path / "nwc.txt", ranking)
+    del unlearned
+    run.logger.info(f"NWC: {len(ranking)} channels in {len(deltas)} conv layers; top 5: {ranking[:5]}")
+
+    if args.n is None:
+        with run.phase("select_n"):
+            n, evidence = choose_n(run, deltas, ranking)
+        run.summary.update(n_source="clean-subset rule", n_rule=evidence)
+    else:
+        n = args.n
+        run.summary.update(n_source="--n")
+
+    with run.phase("stage1_test"):
+        stage1 = stage1_rows(run, deltas, ranking, n)
+    write_table(stage1, run.path / f"stage1_df_m{args.m}.csv")
+
+    model = setup.fresh_backdoored_model()
+    count, zeroed = zero_reinit(model, deltas, ranking, n, args.m)
+    run.summary.update(n=n, channels_scored=len(ranking), channels_reinitialised=count, weights_zeroed=zeroed,
+                       unlearning_epochs=len(unlearn_rows), unlearned_clean_subset_acc=unlearned_acc)
+    run.logger.info(f"stage 1c: n {n}: {count} channels selected, {zeroed} weights zeroed")
+
+    rows = []
+
+    def record_epoch(epoch, stats):
+        evaluate = epoch % EVAL_EVERY == 0 and epoch != args.ft_epoch  # the frame evaluates the last epoch
+        rows.append(run.epoch_row(epoch, stats, model, force_eval=evaluate))
+        run.count_images("finetune", 3 * stats.samples + (setup.eval_sets.images() if evaluate else 0))
+        run.logger.info(f"stage 2 epoch {epoch}: loss {stats.loss:.4f}, train acc {stats.acc:.4f} "
+                        f"({stats.seconds:.1f} s)" + "".join(f", {key} {value:.4f}" for key, value in rows[-1].items()
+                                                             if key.startswith("test_")))
+
+    with run.phase("finetune"):
+        finetune(model, setup.clean_subset, args, setup.augmentation, run.generator, args.ft_epoch + 1, record_epoch)
+    # the same rows under the reference's name and the toolkit's (the frame adds the final metrics to both)
+    run.add_epoch_table(f"stage2_df_ft{args.ft_epoch}_r{args.r}_alpha{args.alpha}_m{args.m}", rows)
+    run.add_epoch_table("tsbd_df", rows)
+    return model
+
+
+def main(argv=None):
+    return run_defense(build_parser(), argv, DEFAULTS, DEFENSE, "TSBD", defend, check_args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
