@@ -72,6 +72,10 @@ def test_diversity_loss_is_small_for_diverse_outputs():
     a, b = torch.zeros(4, 3, 8, 8), torch.ones(4, 3, 8, 8)
     assert float(diversity_loss(a, b, a[:, :1], b[:, :1])) == pytest.approx(1.0, rel=1e-5)
     assert float(diversity_loss(a, b, a[:, :1], a[:, :1] + 0.01)) == pytest.approx(100.0, rel=1e-3)
+    same = torch.zeros(4, 1, 8, 8, requires_grad=True)  # two identical (saturated) masks: finite, no NaN gradient
+    loss = diversity_loss(a, b, same, torch.zeros(4, 1, 8, 8))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(same.grad).all()
 
 
 def test_apply_with_an_all_zero_mask_returns_the_clean_image():

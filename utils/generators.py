@@ -66,7 +66,8 @@ def diversity_loss(inputs1, inputs2, outputs1, outputs2, epsilon=EPSILON):
     """Mean over the batch of ||x1 - x2|| / ||g(x1) - g(x2)|| (root-mean-square distances per sample): small when
     different images get different patterns or masks, as the paper's diversity term asks."""
     def distance(a, b):
-        return (a.float() - b.float()).pow(2).mean(dim=(1, 2, 3)).sqrt()
+        # clamped: sqrt has an infinite gradient at 0, and two saturated masks can be exactly equal (NaN otherwise)
+        return (a.float() - b.float()).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-12).sqrt()
     return (distance(inputs1, inputs2) / (distance(outputs1, outputs2) + epsilon)).mean()
 
 
