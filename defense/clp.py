@@ -140,6 +140,9 @@ def traced_pairs(model, img_size):
         model.eval()
         with torch.no_grad():
             model(torch.zeros(1, channels, height, width, dtype=parameter.dtype, device=parameter.device))
+    except RuntimeError as err:
+        raise UserError(f"CLP could not trace this model with one {height}x{width} image ({err}); "
+                        "--pairing module_order pairs by module order instead") from None
     finally:
         for handle in handles:
             handle.remove()

@@ -97,6 +97,13 @@ def test_models_without_conv_bn_pairs_are_one_clear_error(model, message):
         clp.conv_bn_pairs(model, (8, 8, 3))
 
 
+def test_a_model_that_cannot_be_traced_is_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 30 * 30, 2))
+    with pytest.raises(UserError, match="could not trace"):
+        clp.conv_bn_pairs(model, (8, 8, 3))  # the head expects 32x32 images
+    assert [(c, b) for c, _, b, _ in clp.conv_bn_pairs(model, (8, 8, 3), "module_order")] == [("0", "1")]
+
+
 def test_preactresnet18_pairs_follow_the_data_and_module_order_is_backdoorbenchs():
     model = build_model("preactresnet18", 10)
     traced = [(conv, bn) for conv, _, bn, _ in clp.conv_bn_pairs(model, (32, 32, 3), "traced")]
