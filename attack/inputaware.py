@@ -92,7 +92,7 @@ class InputAware(DynamicAttack):
         self.netG, self.netM = prepare_model(self.netG, self.device), prepare_model(self.netM, self.device)
         bd_labels = backdoor_labels(train_labels, args.attack_label_trans, args.attack_target, info.num_classes)
         data = DeviceImages(train_images, train_labels, self.device, info.mean, info.std, bd=bd_labels)
-        augment = Augmentation(crop_padding=4, flip=info.random_flip)
+        augment = Augmentation(crop_padding=args.crop_padding, flip=info.random_flip)
         generator = torch.Generator().manual_seed(args.random_seed)
         self.train_mask(data, augment, generator, logger)
         self.netM.eval()

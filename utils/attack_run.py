@@ -31,8 +31,8 @@ ATTACK_COLUMNS = ["epoch", "batch", "train_epoch_loss_avg_over_batch", "train_ac
 DEFAULTS = {"dataset": "cifar10", "dataset_path": "data", "record_dir": "record", "model": "preactresnet18",
             "epochs": 100, "batch_size": 128, "lr": 0.01, "lr_scheduler": "CosineAnnealingLR", "sgd_momentum": 0.9,
             "wd": 0.0005, "nesterov": False, "label_smoothing": 0.0, "warmup_epochs": 0, "amp": False,
-            "random_seed": 0, "pratio": 0.1, "attack_target": 0, "attack_label_trans": "all2one", "device": None,
-            "eval_batch_size": 256, "progress": True, "download": False}
+            "crop_padding": 4, "random_seed": 0, "pratio": 0.1, "attack_target": 0, "attack_label_trans": "all2one",
+            "device": None, "eval_batch_size": 256, "progress": True, "download": False}
 
 
 def attack_parser(description):
@@ -55,6 +55,7 @@ def attack_parser(description):
     add("--nesterov", type=str2bool)
     add("--wd", type=float)
     add("--label_smoothing", type=float)
+    add("--crop_padding", type=int, help="random-crop padding of the training augmentation (BackdoorBench: 4)")
     add("--amp", type=str2bool, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     add("--random_seed", type=int)
     add("--pratio", type=float, help="share of the training set poisoned")
@@ -78,6 +79,8 @@ def parse_attack_args(parser, argv, attack_defaults):
         raise UserError(f"--attack_target must be in [0, {info.num_classes}) for {args.dataset}")
     if args.epochs < 1:
         raise UserError("--epochs must be at least 1")
+    if args.crop_padding < 0:
+        raise UserError("--crop_padding must be 0 or more")
     return args
 
 
@@ -95,7 +98,7 @@ def train_on(model, images, labels, args, device, logger, poison_batch=None):
     normalised batch (`data`, the training DeviceImages, converts to and from pixels). Returns the epoch rows."""
     info = dataset_info(args.dataset)
     data = DeviceImages(images, labels, device, info.mean, info.std)
-    augmentation = Augmentation(crop_padding=4, flip=info.random_flip)
+    augmentation = Augmentation(crop_padding=args.crop_padding, flip=info.random_flip)
     generator = torch.Generator().manual_seed(args.random_seed)
     transform = None if poison_batch is None else (lambda x, y: poison_batch(x, y, data))
     return train_classifier(model, data, args, augmentation, generator, logger, batch_transform=transform)
