@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
-from utils.config import str2bool
+from utils.config import none_or_float, str2bool
 from utils.errors import UserError
 from utils.reporting import write_table
 from utils.tensor_data import DeviceImages
@@ -176,11 +176,6 @@ def largest_within_tolerance(amounts, accuracies, baseline, tolerance):
 
 PRUNING_DEFAULTS = {"pruning_by": "threshold", "pruning_number": 0.2, "pruning_max": 0.9, "pruning_step": 0.05,
                     "acc_tolerance": None, "holdout_ratio": 0.2, "sweep": False, "prune_bias": False}
-
-
-def none_or_float(text):
-    """argparse type for an optional number: 'none', 'null' or '' mean None."""
-    return None if str(text).strip().lower() in ("", "none", "null") else float(text)
 
 
 def add_pruning_options(parser):
