@@ -21,7 +21,7 @@ from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
 from utils.pruning import (PRUNING_DEFAULTS, BatchNormMasks, add_pruning_options, batchnorm_layers,
                            check_pruning_args, prune_by_masks, split_for_rule)
-from utils.training import grad_scaler, train_epoch
+from utils.training import grad_scaler, gradient_ascent_objective, train_epoch
 
 DEFENSE = "rnp"
 
@@ -67,11 +67,6 @@ def check_args(args):
     check_pruning_args(args)
 
 
-def gradient_ascent(logits, labels, _model):
-    loss = F.cross_entropy(logits, labels)
-    return -loss, loss
-
-
 def unlearn(run, model, data):
     """Gradient ascent on the clean data until an epoch's running training accuracy is <= clean_threshold."""
     args = run.args
@@ -82,7 +77,7 @@ def unlearn(run, model, data):
     rows = []
     for epoch in range(args.unlearning_epochs):
         stats = train_epoch(model, data, optimizer, batch_size=args.batch_size, augment=run.setup.augmentation,
-                            generator=run.generator, amp=args.amp, scaler=scaler, objective=gradient_ascent,
+                            generator=run.generator, amp=args.amp, scaler=scaler, objective=gradient_ascent_objective,
                             grad_clip=args.unlearning_grad_clip or None)
         scheduler.step()
         run.count_images("unlearn", stats.samples)

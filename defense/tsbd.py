@@ -43,8 +43,8 @@ from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
 from utils.models import cpu_state_dict
 from utils.reporting import write_table
-from utils.tensor_data import augment_batch
-from utils.training import EpochStats, accuracy, grad_scaler, train_epoch
+from utils.tensor_data import augment_batch, subset
+from utils.training import EpochStats, accuracy, grad_scaler, gradient_ascent_objective, train_epoch
 
 DEFENSE = "tsbd"
 MOMENTUM = 0.9  # both stages (the reference's SGD; its YAML's sgd_momentum is never read)
@@ -117,11 +117,6 @@ def augmented_accuracy(model, data, augmentation, generator):
     return accuracy(model, images_like(data, augment_batch(data.images, augmentation, generator), data.labels))
 
 
-def gradient_ascent(logits, labels, _model):
-    loss = F.cross_entropy(logits, labels)
-    return -loss, loss
-
-
 def unlearn(run):
     """A copy of the backdoored model trained with -CE on the clean subset (unshuffled, augmented) until its
     augmented eval-mode accuracy is <= clean_threshold. Returns (model, epoch rows, last accuracy)."""
@@ -133,7 +128,7 @@ def unlearn(run):
     for epoch in range(args.epochs):
         stats = train_epoch(model, setup.clean_subset, optimizer, batch_size=args.batch_size,
                             augment=setup.augmentation, generator=run.generator, amp=args.amp, scaler=scaler,
-                            objective=gradient_ascent, shuffle=False)
+                            objective=gradient_ascent_objective, shuffle=False)
         clean_acc = augmented_accuracy(model, setup.clean_subset, setup.augmentation, run.generator)
         run.count_images("unlearn", 2 * stats.samples)
         rows.append(run.epoch_row(epoch, stats, model))
@@ -296,8 +291,7 @@ def choose_n(run, deltas, ranking):
     if not 0 < held < len(data):
         raise UserError(f"--select_holdout {args.select_holdout} of {len(data)} clean samples leaves no held-out "
                         "or no training sample; pass --n or change --select_holdout/--ratio")
-    heldout = images_like(data, data.images[order[:held]], data.labels[order[:held]])
-    train = images_like(data, data.images[order[held:]], data.labels[order[held:]])
+    heldout, train = subset(data, order[:held]), subset(data, order[held:])
     reference = accuracy(setup.model, heldout)
     run.logger.info(f"n rule: original model's accuracy on {held} held-out clean samples {reference:.4f}; "
                     f"accept n while >= {reference - args.select_tolerance:.4f}")

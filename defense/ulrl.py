@@ -25,7 +25,7 @@ from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
 from utils.models import classifier_head
 from utils.reporting import write_table
-from utils.training import autocast, grad_scaler, train_epoch
+from utils.training import autocast, grad_scaler, gradient_ascent_objective, train_epoch
 
 DEFENSE = "ulrl"
 
@@ -114,16 +114,12 @@ def unlearn(run):
     scheduler = make_scheduler(optimizer, args)
     scaler = grad_scaler(setup.device, args.amp)
 
-    def ascent(logits, labels, _model):
-        loss = F.cross_entropy(logits, labels)
-        return -loss, loss
-
     rows = []
     epochs = tqdm(range(args.unlearning_epochs), desc="unlearning", disable=not args.progress, leave=False)
     for epoch in epochs:
         stats = train_epoch(model, setup.clean_subset, optimizer, batch_size=args.batch_size,
                             augment=setup.augmentation, generator=run.generator, amp=args.amp, scaler=scaler,
-                            objective=ascent, grad_clip=args.unlearning_grad_clip)
+                            objective=gradient_ascent_objective, grad_clip=args.unlearning_grad_clip)
         if scheduler is not None:
             scheduler.step()
         run.count_images("unlearn", stats.samples)

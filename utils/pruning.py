@@ -17,7 +17,7 @@ import torch.nn as nn
 from utils.config import none_or_float, str2bool
 from utils.errors import UserError
 from utils.reporting import write_table
-from utils.tensor_data import DeviceImages
+from utils.tensor_data import subset
 from utils.training import accuracy
 
 
@@ -217,14 +217,6 @@ def check_pruning_args(args):
         if args.pruning_by == "number" and (args.pruning_step != int(args.pruning_step)
                                             or args.pruning_max != int(args.pruning_max)):
             raise UserError("--pruning_by number needs whole --pruning_max and --pruning_step (channel counts)")
-
-
-def subset(data, indices):
-    """The samples `indices` of a DeviceImages, as a new DeviceImages on the same device."""
-    index = torch.as_tensor(indices, dtype=torch.long, device=data.device)
-    extra = {key: value[index].cpu().numpy() for key, value in data.extra.items()}
-    return DeviceImages(data.images[index].cpu().numpy(), data.labels[index].cpu().numpy(), data.device,
-                        data.mean.flatten().tolist(), data.std.flatten().tolist(), **extra)
 
 
 def split_for_rule(data, args, generator):

@@ -67,6 +67,14 @@ class DeviceImages:
                 yield x, y
 
 
+def subset(data, indices):
+    """The samples `indices` of a DeviceImages, as a new DeviceImages on the same device."""
+    index = torch.as_tensor(indices, dtype=torch.long, device=data.device)
+    extra = {key: value[index].cpu().numpy() for key, value in data.extra.items()}
+    return DeviceImages(data.images[index].cpu().numpy(), data.labels[index].cpu().numpy(), data.device,
+                        data.mean.flatten().tolist(), data.std.flatten().tolist(), **extra)
+
+
 def augment_batch(images, augment, generator=None):
     """Random crop with zero padding and optional horizontal flip, per sample, on a uint8 NHWC batch."""
     count, height, width, _ = images.shape

@@ -53,6 +53,12 @@ def cross_entropy_objective(logits, labels, model):
     return loss, loss
 
 
+def gradient_ascent_objective(logits, labels, model):
+    """Unlearning: minimise -CE (gradient ascent on the clean subset), log CE."""
+    loss = F.cross_entropy(logits, labels)
+    return -loss, loss
+
+
 def train_epoch(model, data, optimizer, *, batch_size, augment, generator, amp=False, scaler=None,
                 objective=cross_entropy_objective, grad_clip=None, after_step=None, shuffle=True, progress=None,
                 batch_transform=None):
