@@ -6,7 +6,8 @@
 
 Skips a (record, defense) pair whose result exists (record/<r>/defense/<d>/summary.json; --force reruns), keeps
 going when a run fails, writes <log_dir>/<record>__<defense>.log for each run and batch_summary.csv, and ends with
-what ran, what was skipped and what failed (exit status 1 when anything failed). Options after `--` go to every
+what ran, what was skipped and what failed (exit status 1 when anything failed) and the results table of every
+requested pair, old results included (summary.csv/.md/.png in <log_dir>). Options after `--` go to every
 defense. The YAML is config/defense/<defense>/<dataset>.yaml (with --dataset) or its config.yaml.
 """
 import argparse
@@ -18,6 +19,7 @@ if __package__ in (None, ""):  # run as `python sh/batch.py`: make the repositor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.batch import available_defenses, defense_job, record_names, run_jobs, write_report  # noqa: E402
+from utils.benchmark import collect, write_outputs  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 
 
@@ -46,6 +48,9 @@ def main(argv=None):
     report = run_jobs(jobs, force=args.force, timeout=args.timeout)
     print("\n".join(report.lines()))
     print(f"summary: {write_report(report, log_dir)}")
+    # the table a comparison needs, whether the results are new or were already there; `none` = the record itself
+    table = collect({record: Path(args.record_dir) / record for record in records}, ["none", *args.defenses])
+    print(write_outputs(table, log_dir, f"records under {args.record_dir}"))
     return 1 if report.failed else 0
 
 

@@ -82,6 +82,8 @@ def test_batch_cli_skips_existing_reports_failures_and_exits_1(tmp_path):
     assert list(summary["status"]) == ["skipped", "failed (exit 2)"]
     assert "error:" in (tmp_path / "logs" / "r2__ft.log").read_text()  # the defense's one clear message
     assert not (tmp_path / "r2" / "defense" / "ft").exists()  # nothing half-written
+    assert "| r1 | ft | **0.9000** | **0.1000** | **0.8000** | **0.9000** | **10.0** |" in result.stdout  # old results tabled
+    assert "| r2 | ft (missing) |" in (tmp_path / "logs" / "summary.md").read_text()
 
 
 def test_batch_cli_rejects_a_folder_that_is_not_a_record(tmp_path):
