@@ -31,7 +31,8 @@ from utils.models import cpu_state_dict, load_weights
 from utils.poisoning import backdoor_labels, batch_poison_count
 from utils.safe_pickle import safe_torch_load
 from utils.tensor_data import Augmentation, DeviceImages
-from utils.training import TrainingRecipe, autocast, grad_scaler, keep_freed_memory, prepare_model
+from utils.precision import autocast, grad_scaler
+from utils.training import TrainingRecipe, keep_freed_memory, prepare_model
 from utils.triggers import to_uint8
 
 # BackdoorBench's config/attack/inputaware/default.yaml (mask_epochs None: its clean_train_epochs, else 25)

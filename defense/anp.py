@@ -7,7 +7,6 @@ scale and shift (found by one sign-gradient ascent step); prune the channels who
 
     python defense/anp.py --result_file badnet_0_1 --yaml_path config/defense/anp/cifar10.yaml --dataset cifar10
 """
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from utils.config import str2bool
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
+from utils.precision import autocast
 from utils.pruning import (PRUNING_DEFAULTS, BatchNormMasks, add_pruning_options, batchnorm_layers,
                            check_pruning_args, prune_by_masks, split_for_rule)
 from utils.tensor_data import augment_batch
@@ -68,12 +68,6 @@ def check_args(args):
     check_pruning_args(args)
 
 
-def autocast(device, enabled):
-    """bfloat16 autocast on CPU and CUDA alike: the gradients below are taken without a loss scaler, which
-    float16 would need."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
-
 def sample_batch(data, batch_size, augment, generator):
     """A batch drawn with replacement from the clean data, augmented (the reference's RandomSampler)."""
     index = torch.randint(len(data), (batch_size,), generator=generator).to(data.device)
@@ -90,7 +84,7 @@ def perturb(model, masks, x, y, args, generator):
             noise.copy_((torch.rand(noise.shape, generator=generator) * 2 - 1).to(device) * eps)
     masks.perturbed = True
     for _ in range(args.anp_steps):
-        with autocast(device, args.amp):
+        with autocast(device, args.amp, unscaled=True):
             loss = F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, noises)
         with torch.no_grad():
@@ -114,10 +108,10 @@ def optimise_masks(run, model, masks, data):
         loss_robust = 0.0
         if robust:
             perturb(model, masks, x, y, args, run.generator)
-            with autocast(device, args.amp):
+            with autocast(device, args.amp, unscaled=True):
                 loss_robust = F.cross_entropy(model(x), y)
         masks.perturbed = False
-        with autocast(device, args.amp):
+        with autocast(device, args.amp, unscaled=True):
             logits = model(x)
             loss = args.anp_alpha * F.cross_entropy(logits, y) + (1 - args.anp_alpha) * loss_robust
         for mask, grad in zip(masks.parameters(), torch.autograd.grad(loss, masks.parameters())):

@@ -23,7 +23,8 @@ from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
 from utils.models import classifier_head
-from utils.training import grad_scaler, train_epoch
+from utils.precision import grad_scaler
+from utils.training import train_epoch
 
 DEFENSE = "fst"
 

@@ -21,7 +21,8 @@ from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
 from utils.pruning import (PRUNING_DEFAULTS, BatchNormMasks, add_pruning_options, batchnorm_layers,
                            check_pruning_args, prune_by_masks, split_for_rule)
-from utils.training import grad_scaler, gradient_ascent_objective, train_epoch
+from utils.precision import grad_scaler
+from utils.training import gradient_ascent_objective, train_epoch
 
 DEFENSE = "rnp"
 

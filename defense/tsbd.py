@@ -42,9 +42,10 @@ from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
 from utils.models import cpu_state_dict
+from utils.precision import autocast, grad_scaler
 from utils.reporting import write_table
 from utils.tensor_data import augment_batch, subset
-from utils.training import EpochStats, accuracy, grad_scaler, gradient_ascent_objective, train_epoch
+from utils.training import EpochStats, accuracy, gradient_ascent_objective, train_epoch
 
 DEFENSE = "tsbd"
 MOMENTUM = 0.9  # both stages (the reference's SGD; its YAML's sgd_momentum is never read)
@@ -208,14 +209,8 @@ def zero_reinit(model, deltas, ranking, n, m):
 
 # ---------------------------------------------------------------- stage 2: activeness-aware fine-tuning
 
-def step_autocast(device, enabled):
-    """bfloat16 autocast for the stage-2 gradients: unlike float16 it needs no loss scaling."""
-    enabled = enabled and (device.type != "cuda" or torch.cuda.is_bf16_supported())
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 def gradients(model, params, x, y, amp):
-    with step_autocast(x.device, amp):
+    with autocast(x.device, amp, unscaled=True):
         loss = F.cross_entropy(model(x), y)
     return torch.autograd.grad(loss, params, allow_unused=True)
 
@@ -254,7 +249,7 @@ def finetune(model, data, args, augmentation, generator, epochs, after_epoch=Non
         loss_sum, correct, batches, start = 0.0, 0, 0, time.perf_counter()
         for x, y in data.batches(args.batch_size, augment=augmentation, generator=generator):
             activeness_aware_step(model, temp, optimizer, x, y, args.r, args.alpha, args.amp)
-            with torch.no_grad(), step_autocast(x.device, args.amp):
+            with torch.no_grad(), autocast(x.device, args.amp, unscaled=True):
                 logits = model(x)
             loss_sum += float(F.cross_entropy(logits.float(), y))
             correct += int((logits.argmax(1) == y).sum())

@@ -25,7 +25,8 @@ from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
 from utils.models import classifier_head
 from utils.reporting import write_table
-from utils.training import autocast, grad_scaler, gradient_ascent_objective, train_epoch
+from utils.precision import autocast, grad_scaler
+from utils.training import gradient_ascent_objective, train_epoch
 
 DEFENSE = "ulrl"
 
@@ -135,6 +136,7 @@ def unlearn(run):
     else:
         run.logger.info(f"unlearning ran all {args.unlearning_epochs} epochs without reaching train acc <= "
                         f"{args.clean_threshold}")
+    epochs.close()  # an early stop leaves the bar open (frozen at its last epoch) otherwise
     return rows
 
 

@@ -30,6 +30,7 @@ from utils.attack_run import train_set_with_poison  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.poisoning import backdoor_labels, bd_test_indices, poison, train_poison_indices  # noqa: E402
 from utils.models import MODELS, AirbenchCPU, build_model  # noqa: E402
+from utils.precision import amp_option, resolve_amp  # noqa: E402
 from utils.runtime import pick_device, seed_everything  # noqa: E402
 from utils.tensor_data import Augmentation, DeviceImages  # noqa: E402
 from utils.triggers import TRIGGERS  # noqa: E402
@@ -38,7 +39,7 @@ from utils.training import (EvalSets, TrainingRecipe, accuracy, evaluate, prepar
 
 DEFAULTS = {"dataset": "cifar10", "dataset_path": "data", "model": "airbench_cpu", "random_seed": 0, "pratio": 0.1,
             "attack_target": 0, "poison": "badnet", "device": None, "eval_batch_size": 500, "threads": None, "crop_padding": 4,
-            "progress": False}
+            "amp": "auto", "progress": False}
 
 
 def subset(data, count):
@@ -65,7 +66,7 @@ def parse_args(argv):
     add("--nesterov", type=str2bool)
     add("--wd", type=float)
     add("--label_smoothing", type=float)
-    add("--amp", type=str2bool)
+    add("--amp", type=amp_option)
     add("--random_seed", type=int)
     add("--pratio", type=float)
     add("--device", type=str)
@@ -83,6 +84,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     seed_everything(args.random_seed)
     device = pick_device(args.device)
+    args.amp, precision = resolve_amp(args.amp, device)
+    print(precision)
     recipe = TrainingRecipe.from_options(args)
     info = dataset_info(args.dataset)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "

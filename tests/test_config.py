@@ -80,7 +80,7 @@ def test_shipped_ulrl_configs_hold_the_reference_values():
                                                         f"config/defense/ulrl/{name}.yaml"], ulrl.DEFAULTS)
         assert (args.relearn_lr, args.relearn_alpha) == (lr, alpha)
         assert args.unlearning_epochs == 20 and args.relearn_epochs == 20 and args.steplr_milestones == [10, 20]
-        assert args.clean_threshold == 0.2 and args.ratio == 0.01 and args.init is True and args.amp is True
+        assert args.clean_threshold == 0.2 and args.ratio == 0.01 and args.init is True and args.amp == "auto"
         assert args.selection == "first" and args.max_neurons == 2 and args.scope == "head"
     overridden = parse_defense_args(ulrl.build_parser(), ["--result_file", "x", "--init", "False",
                                                           "--steplr_milestones", "3", "6"], ulrl.DEFAULTS)

@@ -82,7 +82,8 @@ def test_a_model_without_batchnorm_fails_with_one_message_and_no_output(tmp_path
     def prepare(args):
         return types.SimpleNamespace(args=args, record=record, device=torch.device("cpu"), model=model,
                                      clean_indices=list(range(8)), clean_subset=data, seconds={},
-                                     augmentation=Augmentation(), eval_sets=EvalSets(data, bd))
+                                     augmentation=Augmentation(), eval_sets=EvalSets(data, bd),
+                                     precision="precision: float32 (--amp false)")
     monkeypatch.setattr(defense_run, "prepare_defense", prepare)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(rnp.main, ["--result_file", "plain", "--progress", "False"])

@@ -17,6 +17,7 @@ from utils.config import parse_config, str2bool
 from utils.datasets import CleanSplit, dataset_info
 from utils.errors import UserError
 from utils.models import build_model, cpu_state_dict
+from utils.precision import amp_option, resolve_amp
 from utils.poisoning import (LABEL_TRANSFORMS, backdoor_labels, batch_poison_count, bd_test_indices, poison,
                              train_poison_indices)
 from utils.reporting import plot_epochs, setup_logger, write_epoch_csvs, write_json
@@ -30,7 +31,7 @@ ATTACK_COLUMNS = ["epoch", "batch", "train_epoch_loss_avg_over_batch", "train_ac
 
 DEFAULTS = {"dataset": "cifar10", "dataset_path": "data", "record_dir": "record", "model": "preactresnet18",
             "epochs": 100, "batch_size": 128, "lr": 0.01, "lr_scheduler": "CosineAnnealingLR", "sgd_momentum": 0.9,
-            "wd": 0.0005, "nesterov": False, "label_smoothing": 0.0, "warmup_epochs": 0, "amp": False,
+            "wd": 0.0005, "nesterov": False, "label_smoothing": 0.0, "warmup_epochs": 0, "amp": "auto",
             "crop_padding": 4, "random_seed": 0, "pratio": 0.1, "attack_target": 0, "attack_label_trans": "all2one",
             "device": None, "eval_batch_size": 256, "progress": True, "download": False}
 
@@ -56,7 +57,8 @@ def attack_parser(description):
     add("--wd", type=float)
     add("--label_smoothing", type=float)
     add("--crop_padding", type=int, help="random-crop padding of the training augmentation (BackdoorBench: 4)")
-    add("--amp", type=str2bool, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    add("--amp", type=amp_option,
+        help="autocast: auto (float16 on CUDA, bfloat16 only on CPUs that run it natively), true or false")
     add("--random_seed", type=int)
     add("--pratio", type=float, help="share of the training set poisoned")
     add("--attack_target", type=int, help="target label (all2one)")
@@ -196,11 +198,13 @@ def run_attack(args, apply_trigger=None, clean_label=False, attack_name="prototy
     started = time.perf_counter()
     seed_everything(args.random_seed)
     device = pick_device(args.device)
+    args.amp, precision = resolve_amp(args.amp, device)
     info = dataset_info(args.dataset)
     final = Path(args.record_dir) / args.save_folder_name
     with new_record_folder(final) as out:
         logger = setup_logger(out.path, attack_name, subfolder="")
         logger.info(f"{attack_name} -> {final} on {device}; options: {vars(args)}")
+        logger.info(precision)
         train = CleanSplit(args.dataset, args.dataset_path, train=True, download=args.download)
         test = CleanSplit(args.dataset, args.dataset_path, train=False)
         train_images, test_images = train.images(), test.images()

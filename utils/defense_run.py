@@ -86,6 +86,7 @@ def run_defense(parser, argv, defaults, defense, title, algorithm, check_args=No
         run = DefenseRun(setup, out.path, logger, defense)
         logger.info(f"{title} on {setup.record.folder} ({setup.record.model_name}, {args.dataset}) on "
                     f"{setup.device}; options: {vars(args)}")
+        logger.info(setup.precision)
         if args.eval_limit:
             logger.info(f"--eval_limit {args.eval_limit}: test metrics come from the first {args.eval_limit} "
                         "images of each test set only (a quick check, not comparable with full evaluations)")

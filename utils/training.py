@@ -1,6 +1,5 @@
 """One training epoch and the ACC / ASR / RA evaluation, shared by every defense and attack; `train_classifier`,
 the whole training run of an attack (optimizer, learning-rate schedule, epochs) from a recipe."""
-import contextlib
 import math
 import time
 from dataclasses import dataclass, fields
@@ -10,24 +9,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils.errors import UserError
+from utils.precision import autocast, grad_scaler
 from utils.tensor_data import DeviceImages
-
-
-def autocast(device, enabled):
-    """Mixed precision: float16 on CUDA, bfloat16 on CPU (the CPU's own autocast type); off when not enabled."""
-    if not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def grad_scaler(device, enabled):
-    """A GradScaler for float16 on CUDA (bfloat16 needs none); None otherwise."""
-    if not (enabled and device.type == "cuda"):
-        return None
-    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler("cuda")
-    return torch.cuda.amp.GradScaler()
 
 
 def prepare_model(model, device):
@@ -171,7 +154,7 @@ class TrainingRecipe:
     nesterov: bool = False
     wd: float = 0.0005
     label_smoothing: float = 0.0
-    amp: bool = False  # bfloat16 autocast on CPU, float16 (with a GradScaler) on CUDA
+    amp: bool = False  # autocast on (utils.precision.resolve_amp decides it from --amp)
     grad_clip: float = None
     progress: bool = False
 
@@ -245,20 +228,26 @@ def train_classifier(model, train_data, recipe, augment, generator, log=None, af
     scaler = grad_scaler(device, recipe.amp)
     objective = smoothed_cross_entropy(recipe.label_smoothing)
     history = []
-    for epoch in range(recipe.epochs):
-        lr = optimizer.param_groups[0]["lr"]
-        stats = train_epoch(model, train_data, optimizer, batch_size=recipe.batch_size, augment=augment,
-                            generator=generator, amp=recipe.amp, scaler=scaler, objective=objective,
-                            grad_clip=recipe.grad_clip, after_step=lambda x, y: schedule.step(),
-                            batch_transform=batch_transform,
-                            progress=f"epoch {epoch + 1}/{recipe.epochs}" if recipe.progress else None)
-        row = {"epoch": epoch, "batches": stats.batches, "samples": stats.samples, "loss": stats.loss,
-               "train_acc": stats.acc, "seconds": stats.seconds, "lr": lr}
-        history.append(row)
-        if after_epoch is not None:
-            after_epoch(epoch, row)
-        if log is not None:
-            log.info(f"epoch {epoch + 1}/{recipe.epochs}: loss {stats.loss:.4f}, train_acc {stats.acc:.4f}, "
-                     f"lr {lr:.4g}, {stats.seconds:.1f} s ({stats.samples / max(stats.seconds, 1e-9):.0f} img/s)"
-                     + "".join(f", {key} {value:.4f}" for key, value in row.items() if key not in _EPOCH_KEYS))
+    # one bar over every batch of the run: its ETA is the whole training's, not the current epoch's
+    with tqdm(total=recipe.epochs * steps_per_epoch, desc="training", unit="batch", leave=False,
+              disable=not recipe.progress) as bar:
+        def after_step(x, y):
+            schedule.step()
+            bar.update()
+
+        for epoch in range(recipe.epochs):
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(epoch=f"{epoch + 1}/{recipe.epochs}")
+            stats = train_epoch(model, train_data, optimizer, batch_size=recipe.batch_size, augment=augment,
+                                generator=generator, amp=recipe.amp, scaler=scaler, objective=objective,
+                                grad_clip=recipe.grad_clip, after_step=after_step, batch_transform=batch_transform)
+            row = {"epoch": epoch, "batches": stats.batches, "samples": stats.samples, "loss": stats.loss,
+                   "train_acc": stats.acc, "seconds": stats.seconds, "lr": lr}
+            history.append(row)
+            if after_epoch is not None:
+                after_epoch(epoch, row)
+            if log is not None:
+                log.info(f"epoch {epoch + 1}/{recipe.epochs}: loss {stats.loss:.4f}, train_acc {stats.acc:.4f}, "
+                         f"lr {lr:.4g}, {stats.seconds:.1f} s ({stats.samples / max(stats.seconds, 1e-9):.0f} img/s)"
+                         + "".join(f", {key} {value:.4f}" for key, value in row.items() if key not in _EPOCH_KEYS))
     return history
