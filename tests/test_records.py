@@ -11,6 +11,7 @@ import pickle
 import pickletools
 import shlex
 import shutil
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -25,7 +26,7 @@ from utils.errors import UserError
 from utils.records import RECORD_KEYS, PoisonedSplit, load_attack_record, load_record_pickle
 from utils.safe_pickle import ALLOWED_GLOBALS, ForbiddenGlobal, RestrictedUnpickler, safe_torch_load
 
-SHARED_RECORDS = Path(__file__).resolve().parents[1].parent / "shared" / "records"
+from conftest import SHARED_RECORDS, require_shared_record  # noqa: E402
 REAL_RECORDS = {"badnet_0_1": "badnet", "blended_0_1": "blended"}
 TARGET = 0
 
@@ -340,6 +341,59 @@ def test_torchscript_archive_is_refused_before_its_code_runs(tmp_path, capfd):
     assert "TORCHSCRIPT_PAYLOAD_RAN" not in capfd.readouterr().out
 
 
+def _with_corrupt_central_extra(data):
+    """The zip `data` with one more extra field in its first central-directory entry, which claims 100 bytes it
+    does not have: Python's zipfile refuses the archive, torch's own reader accepts it."""
+    eocd = data.rfind(b"PK\x05\x06")
+    cd_size, cd_offset = struct.unpack("<II", data[eocd + 12:eocd + 20])
+    name_length, extra_length = struct.unpack("<HH", data[cd_offset + 28:cd_offset + 32])
+    insert_at = cd_offset + 46 + name_length + extra_length
+    out = bytearray(data[:insert_at] + struct.pack("<HH", 0xCAFE, 100) + data[insert_at:])
+    struct.pack_into("<H", out, cd_offset + 30, extra_length + 4)
+    struct.pack_into("<I", out, eocd + 4 + 12, cd_size + 4)
+    zip64_end = out.rfind(b"PK\x06\x06", 0, eocd + 4)
+    if zip64_end >= 0:
+        struct.pack_into("<Q", out, zip64_end + 40, cd_size + 4)
+    return bytes(out)
+
+
+def test_torchscript_archive_that_pythons_zipfile_cannot_read_is_still_refused(tmp_path, capfd):
+    """The check asks torch's own reader, so a zip structure that only Python's zipfile rejects cannot hide an
+    archive that torch.load would run as TorchScript."""
+    folder = tmp_path / "record" / "evil"
+    folder.mkdir(parents=True)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(_ScriptedPayload()), buffer)
+        (folder / "attack_result.pt").write_bytes(_with_corrupt_central_extra(buffer.getvalue()))
+        with pytest.raises(zipfile.BadZipFile):
+            zipfile.ZipFile(folder / "attack_result.pt")
+        capfd.readouterr()
+        torch.load(folder / "attack_result.pt", weights_only=False)  # control: torch reads it and runs the code
+        assert "TORCHSCRIPT_PAYLOAD_RAN" in capfd.readouterr().out
+        with pytest.raises(UserError, match="TorchScript"):
+            load_attack_record("evil", tmp_path / "record")
+    assert "TORCHSCRIPT_PAYLOAD_RAN" not in capfd.readouterr().out
+
+
+def test_a_changed_byte_under_a_stale_zip_crc_is_refused(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.arange(1000, dtype=torch.float32)}, path)
+    data = bytearray(path.read_bytes())
+    at = data.find(struct.pack("<f", 500.0))
+    data[at] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="CRC"):
+        safe_torch_load(path)
+
+
+def test_a_link_to_a_device_is_not_read(tmp_path):
+    (tmp_path / "info.pickle").symlink_to("/dev/zero")
+    with pytest.raises(UserError, match="not a regular file"):
+        load_record_pickle(tmp_path, "info.pickle")
+
+
 def test_restricted_unpickler_allow_list():
     assert ("numpy.core.multiarray", "_reconstruct") in ALLOWED_GLOBALS
     assert ("numpy._core.multiarray", "_reconstruct") in ALLOWED_GLOBALS
@@ -618,15 +672,25 @@ def test_v20_absolute_paths_fall_back_to_pngs_beside_record(tmp_path):
     assert_split_matches(record.bd_train, expected["bd_train"])
 
 
-def test_recorded_path_used_when_no_png_beside_record(tmp_path, monkeypatch):
-    """The PNGs are not beside the record but the V2.2 path resolves from the BackdoorBench root (the cwd)."""
+def test_recorded_path_outside_the_record_folder_is_never_read(tmp_path, monkeypatch):
+    """The PNGs are not beside the record; the V2.2 path would resolve from the BackdoorBench root (the cwd), an
+    absolute path or a link elsewhere: each would read files outside the record folder, so each is refused."""
     bb_root = tmp_path / "BackdoorBench"
     raw, expected = make_record(bb_root / "record" / "rec")  # PNGs under BackdoorBench/record/rec/
     lone = save_record(tmp_path / "copy_without_pngs" / "rec", raw)
     monkeypatch.chdir(bb_root)
-    record = load_attack_record(lone)
-    assert all(not Path(p).is_relative_to(lone) for p in record.bd_test.image_paths)
-    assert_split_matches(record.bd_test, expected["bd_test"])
+    with pytest.raises(UserError, match="not found inside the record folder.*copy the whole record folder"):
+        load_attack_record(lone)
+    for split in ("bd_train", "bd_test"):  # absolute recorded paths to the PNGs elsewhere
+        for entry in raw[split]["bd_data_container"]["data_dict"].values():
+            entry["path"] = str(bb_root / entry["path"])
+    save_record(lone, raw)
+    with pytest.raises(UserError, match="not found inside the record folder"):
+        load_attack_record(lone)
+    for name in ("bd_train_dataset", "bd_test_dataset"):  # a link out of the record folder
+        (lone / name).symlink_to(bb_root / "record" / "rec" / name)
+    with pytest.raises(UserError, match="not found inside the record folder"):
+        load_attack_record(lone)
 
 
 def test_png_beside_record_is_preferred(tmp_path, monkeypatch):
@@ -697,8 +761,7 @@ def real_record_copy(tmp_path_factory):
     def get(name):
         if name not in cache:
             source = SHARED_RECORDS / name
-            if not (source / "attack_result.pt").is_file():
-                pytest.fail(f"shared record {source} is missing: tests need ../shared beside the repository")
+            require_shared_record(name)
             record_dir = tmp_path_factory.mktemp("shared") / "record"
             shutil.copytree(source, record_dir / name, ignore=shutil.ignore_patterns("defense"))
             record = load_attack_record(name, record_dir)
@@ -807,6 +870,7 @@ NUMPY1 = b"cnumpy.core.multiarray\n"
 def test_shared_record_pickles_name_numpy_core():
     """The shared records were written with numpy 2: their pickles name numpy._core.multiarray (what test below
     rewrites), through protocol-2 GLOBAL opcodes."""
+    require_shared_record("badnet_0_1")
     _, data = data_pkl(SHARED_RECORDS / "badnet_0_1" / "attack_result.pt")
     names = pickle_globals(data)
     assert {"numpy._core.multiarray _reconstruct", "numpy._core.multiarray scalar"} <= names
@@ -815,9 +879,11 @@ def test_shared_record_pickles_name_numpy_core():
 
 
 def _link_pngs(source_folder, target_folder):
+    """The PNG folders of source_folder as hard links inside target_folder (a symbolic link out of a record
+    folder is refused, by design)."""
     target_folder.mkdir(parents=True, exist_ok=True)
     for split in ("bd_train_dataset", "bd_test_dataset"):
-        (target_folder / split).symlink_to(source_folder / split, target_is_directory=True)
+        shutil.copytree(source_folder / split, target_folder / split, copy_function=os.link)
 
 
 @pytest.mark.parametrize("trust", [False, True])
@@ -850,6 +916,7 @@ def test_numpy1_record_loads_identically(real_record_copy, tmp_path, trust):
 
 
 def test_numpy1_side_pickle_loads(tmp_path):
+    require_shared_record("badnet_0_1")
     source = SHARED_RECORDS / "badnet_0_1" / "train_poison_index_list.pickle"
     name, data = data_pkl(source)
     assert NUMPY2 in data

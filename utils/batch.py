@@ -84,11 +84,13 @@ def defense_job(defense, record, record_dir, log_dir, dataset=None, extra=()):
 
 
 def record_names(record_dir):
-    """Every folder of record_dir that holds an attack_result.pt, sorted."""
+    """Every folder of record_dir that holds an attack_result.pt, sorted; hidden folders (an attack's
+    .NAME.partial-* while it runs, or left by a killed one) are not records."""
     record_dir = Path(record_dir)
     if not record_dir.is_dir():
         raise UserError(f"record folder {record_dir} does not exist")
-    return sorted(path.parent.name for path in record_dir.glob("*/attack_result.pt"))
+    return sorted(path.parent.name for path in record_dir.glob("*/attack_result.pt")
+                  if not path.parent.name.startswith("."))
 
 
 def run_jobs(jobs, force=False, timeout=None, echo=print):

@@ -11,6 +11,7 @@ from utils.config import none_or_str, parse_config, str2bool
 from utils.datasets import CleanSplit, dataset_info
 from utils.errors import UserError
 from utils.models import build_model, load_weights
+from utils.precision import amp_option, resolve_amp
 from utils.records import load_attack_record
 from utils.reporting import read_index
 from utils.runtime import pick_device, seed_everything
@@ -36,7 +37,8 @@ def defense_parser(description):
     add("--index", type=none_or_str, help="file of clean-subset indices (one per line) instead of sampling")
     add("--random_seed", type=int, help="seed of python, numpy and torch")
     add("--batch_size", type=int, help="training batch size")
-    add("--amp", type=str2bool, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    add("--amp", type=amp_option,
+        help="autocast: auto (float16 on CUDA, bfloat16 only on CPUs that run it natively), true or false")
     add("--eval_every", type=int, help="also evaluate the test sets every N epochs (0: only at phase ends)")
     add("--eval_batch_size", type=int, help="batch size of evaluation")
     add("--eval_limit", type=int,
@@ -47,7 +49,7 @@ def defense_parser(description):
 
 
 COMMON_DEFAULTS = {"dataset_path": "data", "record_dir": "record", "download": False, "trust_record": False,
-                   "device": None, "ratio": 0.01, "index": None, "random_seed": 0, "batch_size": 128, "amp": True,
+                   "device": None, "ratio": 0.01, "index": None, "random_seed": 0, "batch_size": 128, "amp": "auto",
                    "eval_every": 0, "eval_batch_size": 256, "eval_limit": 0, "num_workers": 0, "progress": True}
 
 
@@ -91,6 +93,7 @@ class DefenseSetup:
     clean_subset: DeviceImages
     augmentation: Augmentation
     eval_sets: EvalSets
+    precision: str = ""  # the precision policy's choice and reason, one log line
     seconds: dict = field(default_factory=dict)
 
     def fresh_backdoored_model(self):
@@ -99,17 +102,39 @@ class DefenseSetup:
         return prepare_model(load_weights(model, self.original_state), self.device)
 
 
+def check_against_clean_split(split, clean, record_name):
+    """The poisoned split's indices inside the clean split and its original labels equal to the clean labels
+    (v1 records that do not store them take the clean ones). Returns the original labels."""
+    outside = split.original_indices >= len(clean)
+    if outside.any():
+        raise UserError(f"record {record_name}: {split.name} index {int(split.original_indices[outside][0])} is "
+                        f"outside the {len(clean)} samples of the clean split")
+    clean_labels = np.asarray(clean.labels)[split.original_indices]
+    given = split.original_labels >= 0
+    differ = given & (split.original_labels != clean_labels)
+    if differ.any():
+        at = int(np.flatnonzero(differ)[0])
+        raise UserError(f"record {record_name}: {split.name} sample {int(split.original_indices[at])} has original "
+                        f"label {int(split.original_labels[at])}, but the clean data labels it "
+                        f"{int(clean_labels[at])} (a record of another dataset, or a damaged one)")
+    return np.where(given, split.original_labels, clean_labels)
+
+
 def prepare_defense(args):
     """Seed, load the record, check it against --dataset/--model, build the model, draw the clean subset and
     put it and the test sets on the device."""
     start = time.perf_counter()
     seed_everything(args.random_seed)
     device = pick_device(args.device)
+    args.amp, precision = resolve_amp(args.amp, device)
     record = load_attack_record(args.result_file, args.record_dir, trust=args.trust_record)
     dataset = args.dataset or record.clean_data
     if dataset != record.clean_data:
         raise UserError(f"record {record.name} was made on {record.clean_data}, but --dataset is {dataset}")
     info = dataset_info(dataset)
+    if record.num_classes != info.num_classes:
+        raise UserError(f"record {record.name} has num_classes {record.num_classes}, but {dataset} has "
+                        f"{info.num_classes} classes")
     if tuple(record.img_size) != tuple(info.img_size):
         raise UserError(f"record {record.name} has img_size {record.img_size}, but {dataset} images are "
                         f"{info.img_size}")
@@ -128,10 +153,8 @@ def prepare_defense(args):
 
     test = CleanSplit(dataset, args.dataset_path, train=False)
     bd = record.bd_test
-    original = bd.original_labels
-    if (original < 0).any():  # v1 records may not store them: take them from the clean test set
-        original = test.labels[bd.original_indices]
-    bd_images = bd.images()
+    original = check_against_clean_split(bd, test, record.name)
+    bd_images = bd.images(info.img_size)
     if bd_images.shape[1:] != tuple(info.img_size):
         raise UserError(f"poisoned test images are {bd_images.shape[1:]}, expected {info.img_size} for {dataset}")
     limit = slice(args.eval_limit or None)
@@ -142,6 +165,6 @@ def prepare_defense(args):
                              original=original[limit]),
     )
     setup = DefenseSetup(args, record, device, model, original_state, list(indices), clean_subset,
-                         Augmentation(crop_padding=4, flip=info.random_flip), eval_sets)
+                         Augmentation(crop_padding=4, flip=info.random_flip), eval_sets, precision)
     setup.seconds["load"] = time.perf_counter() - start
     return setup

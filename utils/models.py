@@ -176,10 +176,17 @@ def load_weights(model, state_dict, what="the record"):
     expected = model.state_dict()
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
+    not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise UserError(f"the weights in {what} are not all tensors (e.g. {', '.join(map(str, not_tensors[:3]))})")
     wrong_shape = [key for key in expected if key in state_dict and tuple(state_dict[key].shape) != tuple(expected[key].shape)]
-    if missing or unexpected or wrong_shape:
+    # load_state_dict would cast silently: int, bool or half weights are a damaged or foreign file, not this model
+    wrong_type = [f"{key} ({state_dict[key].dtype}, expected {expected[key].dtype})" for key in expected
+                  if key in state_dict and state_dict[key].dtype != expected[key].dtype]
+    if missing or unexpected or wrong_shape or wrong_type:
         details = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape),
+                            ("wrong type", wrong_type)):
             if keys:
                 details.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
         raise UserError(f"the weights in {what} do not fit this model: " + "; ".join(details))

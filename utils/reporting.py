@@ -3,6 +3,7 @@ plots, defense_result.pt, DER and the final summary line."""
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -19,20 +20,58 @@ EPOCH_COLUMNS = ["epoch", "batch", "train_epoch_loss_avg_over_batch", "train_acc
 METRICS = ("test_acc", "test_asr", "test_ra")
 
 
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _exchange(first, second):
+    """Swap two paths in one step where Linux offers it (renameat2 RENAME_EXCHANGE): a kill at any moment leaves
+    one of the two results under the final name. Returns False where the system cannot."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
+
+
 class OutputFolder:
-    """Writes into a temporary sibling folder and moves it into place only when the run succeeds, so a failed or
-    interrupted run never leaves a half-written folder nor destroys an earlier one. With `replace` a successful
-    run replaces an existing folder (a defense rerun); without it an existing folder is an error (attack records
-    are never overwritten)."""
+    """Writes into a temporary sibling folder (.NAME.partial-PID-*) and moves it into place only when the run
+    succeeds, so a failed or interrupted run never leaves a half-written folder nor destroys an earlier one. With
+    `replace` a successful run swaps itself with an existing folder (a defense rerun) in one atomic exchange;
+    without it an existing folder is an error (attack records are never overwritten). Leftovers of runs that were
+    killed (their process is gone) are removed, never those of a live run."""
 
     def __init__(self, final, replace=True, exists_hint=""):
         self.final = Path(final)
         self.replace = replace
         self.exists_hint = exists_hint
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self._clean_leftovers()
         if not replace and self.final.exists():
             raise UserError(f"{self.final} already exists{exists_hint}")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-{os.getpid()}-", dir=self.final.parent))
+
+    def _clean_leftovers(self):
+        """Remove partial folders of dead runs; bring back an earlier result that a kill left aside (the
+        .previous-* folder of the two-rename fallback) when nothing stands under the final name."""
+        for leftover in self.final.parent.glob(f".{self.final.name}.partial-*"):
+            pid = leftover.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+            if not pid.isdigit() or not _pid_alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+        for previous in sorted(self.final.parent.glob(f".{self.final.name}.previous-*")):
+            if not self.final.exists():
+                previous.rename(self.final)
+            else:
+                shutil.rmtree(previous, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -42,16 +81,19 @@ class OutputFolder:
         if err is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             return False
-        previous = None
         if self.final.exists():
             if not self.replace:
                 shutil.rmtree(self.path, ignore_errors=True)
                 raise UserError(f"{self.final} appeared while this run worked; its output was discarded")
-            previous = self.final.with_name(f".{self.final.name}.previous-{int(time.time())}")
-            self.final.rename(previous)
-        self.path.rename(self.final)
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
+            if _exchange(self.path, self.final):
+                shutil.rmtree(self.path, ignore_errors=True)  # now the earlier result
+            else:
+                previous = self.final.with_name(f".{self.final.name}.previous-{os.getpid()}")
+                self.final.rename(previous)
+                self.path.rename(self.final)
+                shutil.rmtree(previous, ignore_errors=True)
+        else:
+            self.path.rename(self.final)
         self.path = self.final
         return False
 
@@ -106,9 +148,10 @@ def epoch_table(rows, columns=EPOCH_COLUMNS):
 
 
 def write_epoch_csvs(rows, folder, stem, columns=EPOCH_COLUMNS):
-    """<stem>.csv (one row per epoch) and <stem>_summary.csv (rows last, valid_max, exist_nan_value)."""
+    """<stem>.csv (one row per epoch; an epoch that was not evaluated has empty cells, which pandas reads back as
+    NaN) and <stem>_summary.csv (rows last, valid_max, exist_nan_value; "nan_value" as BackdoorBench writes it)."""
     table = epoch_table(rows, columns)
-    table.to_csv(Path(folder) / f"{stem}.csv", na_rep="nan_value")
+    table.to_csv(Path(folder) / f"{stem}.csv")
     summary = pd.DataFrame([table.iloc[-1], table.max(skipna=True), table.isna().any()],
                            index=["last", "valid_max", "exist_nan_value"])
     summary.to_csv(Path(folder) / f"{stem}_summary.csv", na_rep="nan_value")
@@ -161,5 +204,21 @@ def write_table(rows, path):
     pd.DataFrame(rows).to_csv(path, index=False)
 
 
+def strict_json_values(value):
+    """`value` with every NaN or infinite float replaced by None: JSON has no token for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_values(item) for item in value]
+    return value
+
+
 def write_json(path, values):
-    Path(path).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    """Strict JSON (no NaN / Infinity tokens), written aside and renamed, so a reader never sees half a file."""
+    path = Path(path)
+    text = json.dumps(strict_json_values(values), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.write_text(text)
+    partial.replace(path)

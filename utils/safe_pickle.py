@@ -7,16 +7,21 @@ This works the same on every torch from 2.1 on (torch's own weights_only allow-l
 """
 import codecs
 import collections
+import contextlib
 import importlib
+import io
 import pickle
+import stat
 import types
+import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch._utils
 
-from utils.errors import UserError
+from utils.errors import UserError, summarise_error
 
 
 def _numpy_module(name):
@@ -89,32 +94,94 @@ restricted_pickle_module.load = _restricted_load
 restricted_pickle_module.__dict__["Pickler"] = pickle.Pickler
 
 
-def _is_torchscript_archive(path):
-    """Whether torch.load would hand `path` to torch.jit.load, which runs the archive's TorchScript (e.g. its
-    __setstate__) without consulting the unpickler. Such archives hold a constants.pkl entry (torch's own test);
-    read with Python's zipfile so the check does not depend on torch internals. Non-zip files answer False."""
+MAX_FILE_BYTES = 2 << 30  # no record or side pickle comes near this; a link to /dev/zero would never end
+_ZIP_MAGIC = b"PK\x03\x04"  # what torch.load tests to take its zip path (torch.serialization._is_zipfile)
+
+
+def read_bounded(path, max_bytes=MAX_FILE_BYTES):
+    """The bytes of the regular file `path` (links followed), refused past `max_bytes`."""
+    path = Path(path)
     try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+        status = path.stat()
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if not stat.S_ISREG(status.st_mode):
+        raise UserError(f"{path}: not a regular file (a device, pipe or folder), not loaded")
+    with open(path, "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise UserError(f"{path}: larger than {max_bytes >> 20} MiB, not loaded")
+    return data
+
+
+def _torch_zip_records(data):
+    """The entry names torch's own zip reader sees in `data` (the reader torch.load uses)."""
+    opener = getattr(torch.serialization, "_open_zipfile_reader", None)
+    if opener is not None:
+        with opener(io.BytesIO(data)) as reader:
+            return list(reader.get_all_records())
+    return list(torch._C.PyTorchFileReader(io.BytesIO(data)).get_all_records())
+
+
+def check_torch_archive(data, path, trust_option="--trust_record"):
+    """Refuse, before torch.load sees them, the bytes that torch would hand to torch.jit.load (a TorchScript
+    archive runs its code while loading) and zip archives that Python's zipfile cannot verify (bad structure or a
+    CRC that does not match: a changed byte). Whether it is TorchScript is asked of torch's own reader, so no
+    second parser can disagree with the one that decides. Non-zip bytes (torch's legacy format) pass."""
+    if not data.startswith(_ZIP_MAGIC):
+        return
+    try:
+        records = _torch_zip_records(data)
+    except Exception as err:  # torch refuses it: so would torch.load, say so in one line
+        raise UserError(f"{path}: corrupt zip archive ({summarise_error(err)})") from None
+    if any(name == "constants.pkl" for name in records):
+        raise UserError(f"{path}: not loaded, because it is a TorchScript archive, whose code would run while "
+                        f"loading; a BackdoorBench record never is one. If you trust where this file came from, "
+                        f"rerun with {trust_option}.")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError) as err:
+        raise UserError(f"{path}: malformed zip archive ({summarise_error(err)}), not loaded") from None
+    if bad is not None:
+        raise UserError(f"{path}: entry {bad[:100]} fails its zip CRC check (the file was changed or damaged)")
+
+
+@contextlib.contextmanager
+def _torchscript_unreachable(path, trust_option):
+    """Within the block torch.jit.load raises instead of running an archive: a second lock behind
+    check_torch_archive, for whatever torch version dispatches to it."""
+    original = torch.jit.load
+
+    def refuse(*_args, **_kwargs):
+        raise UserError(f"{path}: not loaded, because torch would run it as TorchScript; if you trust where this "
+                        f"file came from, rerun with {trust_option}.")
+    torch.jit.load = refuse
+    try:
+        yield
+    finally:
+        torch.jit.load = original
 
 
 def safe_torch_load(path, trust=False, trust_option="--trust_record"):
-    """torch.load of `path` through the allow-list (or unrestricted if `trust`). Errors become UserError."""
+    """torch.load of `path` through the allow-list (or unrestricted if `trust`). Errors become UserError.
+    The file is read once, bounded, and the bytes that are checked are the bytes that are loaded."""
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
-        if _is_torchscript_archive(path):
-            raise UserError(f"{path}: not loaded, because it is a TorchScript archive, whose code would run while "
-                            f"loading; a BackdoorBench record never is one. If you trust where this file came from, "
-                            f"rerun with {trust_option}.")
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle_module)
+        data = read_bounded(path)
+        check_torch_archive(data, path, trust_option)
+        with _torchscript_unreachable(path, trust_option), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False,
+                              pickle_module=restricted_pickle_module)
     except ForbiddenGlobal as err:
         if err.name.startswith("PIL."):
             why = (f"it pickles PIL images ({err.name}), as BackdoorBench v1 records and in-memory v2 records do")
         else:
-            why = f"it asks to import {err.name}, which a BackdoorBench record never needs"
+            why = f"it asks to import {err.name[:100]}, which a BackdoorBench record never needs"
         raise UserError(f"{path}: not loaded, because unpickling it could run code: {why}. "
                         f"If you trust where this file came from, rerun with {trust_option}.") from None
     except FileNotFoundError:
@@ -122,4 +189,5 @@ def safe_torch_load(path, trust=False, trust_option="--trust_record"):
     except UserError:
         raise
     except Exception as err:  # corrupt data surfaces as almost any exception (AssertionError, LookupError, ...)
-        raise UserError(f"{path}: cannot read it as a torch file (corrupt or not a record): {err}") from None
+        raise UserError(f"{path}: cannot read it as a torch file (corrupt or not a record): "
+                        f"{summarise_error(err)}") from None
