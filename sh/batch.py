@@ -50,7 +50,7 @@ def main(argv=None):
     print(f"summary: {write_report(report, log_dir)}")
     # the table a comparison needs, whether the results are new or were already there; `none` = the record itself
     table = collect({record: Path(args.record_dir) / record for record in records}, ["none", *args.defenses])
-    print(write_outputs(table, log_dir, f"records under {args.record_dir}"))
+    print(write_outputs(table, log_dir, first_column="record"))
     return 1 if report.failed else 0
 
 

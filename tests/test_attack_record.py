@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_RECORDS
+from conftest import SHARED_RECORDS, require_shared_record
 from utils.attack_record import new_record_folder, write_attack_record
 from utils.errors import UserError
 from utils.models import build_model
@@ -55,6 +55,7 @@ def _shape_of(value):
 
 def test_written_record_has_the_structure_of_a_backdoorbench_record(tmp_path):
     folder, _, _ = _write(tmp_path)
+    require_shared_record("badnet_0_1")
     ours = safe_torch_load(folder / "attack_result.pt")
     theirs = safe_torch_load(SHARED_RECORDS / "badnet_0_1" / "attack_result.pt")
     assert list(ours) == list(theirs)

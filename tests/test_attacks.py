@@ -87,7 +87,7 @@ def test_attack_writes_a_record_our_loader_reads(tmp_path, data, name):
     assert np.flatnonzero(indicator).tolist() == train_idx.tolist()
     info = load_record_pickle(record.folder, "info.pickle")
     assert info["attack"] == name and info["pratio"] == 0.1 and info["attack_target"] == 0
-    table = pd.read_csv(record.folder / "attack_df.csv", index_col=0, na_values=["nan_value"])
+    table = pd.read_csv(record.folder / "attack_df.csv", index_col=0)
     assert len(table) == 1 and 0 <= table["test_acc"].iloc[-1] <= 1 and 0 <= table["test_asr"].iloc[-1] <= 1
     assert (record.folder / "attack_df_summary.csv").is_file() and list((record.folder).glob("*.log"))
     summary = json.loads((record.folder / "summary.json").read_text())

@@ -84,6 +84,27 @@ def test_batch_cli_skips_existing_reports_failures_and_exits_1(tmp_path):
     assert not (tmp_path / "r2" / "defense" / "ft").exists()  # nothing half-written
     assert "| r1 | ft | **0.9000** | **0.1000** | **0.8000** | **0.9000** | **10.0** |" in result.stdout  # old results tabled
     assert "| r2 | ft (missing) |" in (tmp_path / "logs" / "summary.md").read_text()
+    assert "| record | defense | ACC |" in result.stdout and "records under" not in result.stdout
+
+
+def test_hidden_partial_folders_are_not_records(tmp_path):
+    _fake_record(tmp_path, "r1")
+    _fake_record(tmp_path, ".r2.partial-123")
+    assert record_names(tmp_path) == ["r1"]
+
+
+def test_a_run_with_eval_limit_is_shown_but_never_compared(tmp_path):
+    folder = _fake_record(tmp_path, "badnet_cpu", {"test_acc": 0.85, "test_asr": 0.96, "test_ra": 0.03},
+                          {"ft": (0.84, 0.10, 0.80, 0.925, 60.0), "ulrl": (0.90, 0.00, 0.90, 0.98, 5.0)})
+    summary_path = folder / "defense" / "ulrl" / "summary.json"
+    summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), "eval_limit": 500}))
+    table = collect({"badnet": folder}, ["none", "ft", "ulrl"])
+    marks = best_marks(table)
+    ulrl = table.index[table["defense"] == "ulrl"][0]
+    ft = table.index[table["defense"] == "ft"][0]
+    assert not any(index == ulrl for index, _ in marks)
+    assert (ft, "asr") in marks and (ft, "acc") in marks
+    assert "ulrl (ok (eval_limit 500)) | 0.9000 | 0.0000 |" in markdown(table)
 
 
 def test_batch_cli_rejects_a_folder_that_is_not_a_record(tmp_path):
@@ -116,7 +137,8 @@ def test_table_marks_the_best_defense_per_attack_and_keeps_missing_cells(tmp_pat
 
 
 def test_none_row_of_a_backdoorbench_record_comes_from_its_attack_df_summary():
-    from conftest import SHARED_RECORDS
+    from conftest import SHARED_RECORDS, require_shared_record
+    require_shared_record("badnet_0_1")
     from utils.benchmark import attack_metrics
     metrics = attack_metrics(SHARED_RECORDS / "badnet_0_1")
     assert metrics["test_acc"] == pytest.approx(0.5356) and metrics["test_asr"] == pytest.approx(0.1351, abs=1e-4)

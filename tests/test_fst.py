@@ -147,7 +147,7 @@ def test_fst_end_to_end_keeps_the_head_norm_and_reports(fst_run):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["defense"] == "fst" and summary["head"] == "linear" and summary["clean_samples"] == 500
     assert summary["images"]["finetune"] == 500 and summary["images"]["evaluate_after"] == 1000
-    table = pd.read_csv(folder / "fst_df.csv", index_col=0, na_values=["nan_value"])
+    table = pd.read_csv(folder / "fst_df.csv", index_col=0)
     assert len(table) == 1 and table["test_acc"].iloc[-1] == pytest.approx(summary["after"]["test_acc"])
     assert "FST: ACC" in result.stdout + result.stderr
     saved = torch.load(folder / "defense_result.pt", weights_only=True)

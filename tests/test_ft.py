@@ -38,7 +38,7 @@ def test_ft_end_to_end_changes_the_model_and_reports(ft_run):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["defense"] == "ft" and summary["clean_samples"] == 500 and summary["eval_limit"] == 500
     assert summary["images"]["finetune"] == 2 * 500 and summary["images"]["evaluate_before"] == 1000
-    table = pd.read_csv(folder / "ft_df.csv", index_col=0, na_values=["nan_value"])
+    table = pd.read_csv(folder / "ft_df.csv", index_col=0)
     assert len(table) == 2 and table["test_acc"].iloc[-1] == pytest.approx(summary["after"]["test_acc"])
     assert any(line.startswith("FT: ACC") or "FT: ACC" in line for line in result.stdout.splitlines())
     saved = torch.load(folder / "defense_result.pt", weights_only=True)

@@ -29,8 +29,8 @@ RECORD = Path(__file__).resolve().parents[2] / "shared" / "records" / "badnet_0_
 @pytest.fixture(scope="module")
 def record():
     from utils.safe_pickle import safe_torch_load
-    if not RECORD.is_file():
-        pytest.fail(f"shared record {RECORD} is missing: tests need ../shared beside the repository")
+    from conftest import require_shared_record
+    require_shared_record(RECORD.parent.name)
     return safe_torch_load(RECORD)
 
 

@@ -64,7 +64,8 @@ def collect(records, defenses):
 def best_marks(table):
     """{(row index, column)} of the best value per attack and metric among the defenses (not `none`)."""
     marks = set()
-    defended = table[(table["defense"] != "none") & table["status"].str.startswith("ok")]
+    # a run with --eval_limit measured a few test images only: shown, never compared
+    defended = table[(table["defense"] != "none") & (table["status"] == "ok")]
     for _, group in defended.groupby("attack", sort=False):
         for column in METRIC_COLUMNS:
             values = group[column].dropna()
@@ -82,17 +83,19 @@ def _cell(value, column, bold):
     return f"**{text}**" if bold else text
 
 
-def markdown(table, title=""):
-    """The table in Markdown, best value per attack (among defenses) in bold."""
+def markdown(table, title="", first_column="attack"):
+    """The table in Markdown, best value per attack (among defenses) in bold; `first_column` heads the column of
+    the table's `attack` key (the batch runner's rows are records)."""
     marks = best_marks(table)
-    header = ["attack", "defense", "ACC", "ASR", "RA", "DER", "seconds"]
+    header = [first_column, "defense", "ACC", "ASR", "RA", "DER", "seconds"]
     lines = [f"{title}\n" if title else "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for index, row in table.iterrows():
         cells = [row["attack"], row["defense"] + ("" if row["status"] == "ok" else f" ({row['status']})")]
         cells += [_cell(row[column], column, (index, column) in marks) for column in METRIC_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("\nBold: the best defense per attack (highest ACC, RA, DER; lowest ASR, seconds). `none` is the "
-                 "backdoored model (its seconds: the attack's run). DER = (max(0, dASR) - max(0, dACC) + 1) / 2.")
+    lines.append(f"\nBold: the best defense per {first_column} (highest ACC, RA, DER; lowest ASR, seconds) among "
+                 "full-test-set runs (a row marked eval_limit is never compared). `none` is the backdoored model (its "
+                 "seconds: the attack's run). DER = (max(0, dASR) - max(0, dACC) + 1) / 2.")
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 
@@ -121,12 +124,12 @@ def plot(table, path):
     plt.close(figure)
 
 
-def write_outputs(table, folder, title=""):
+def write_outputs(table, folder, title="", first_column="attack"):
     """summary.csv, summary.md and summary.png into folder; returns the Markdown."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     table.to_csv(folder / "summary.csv", index=False)
-    text = markdown(table, title)
+    text = markdown(table, title, first_column)
     (folder / "summary.md").write_text(text)
     plot(table, folder / "summary.png")
     return text
