@@ -22,19 +22,13 @@ from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
 from utils.precision import autocast
-from utils.pruning import (PRUNING_DEFAULTS, BatchNormMasks, add_pruning_options, batchnorm_layers,
+from utils.pruning import (BatchNormMasks, add_pruning_options, batchnorm_layers,
                            check_pruning_args, prune_by_masks, split_for_rule)
 from utils.tensor_data import augment_batch
 from utils.training import EpochStats
 
 DEFENSE = "anp"
 
-# The authors' optimize_mask_cifar.py defaults and the paper's threshold 0.2 (BackdoorBench: ratio 0.05, batch 256).
-DEFAULTS = {
-    "yaml_path": "config/defense/anp/config.yaml", "ratio": 0.01, "batch_size": 128, "nb_iter": 2000,
-    "print_every": 500, "lr": 0.2, "sgd_momentum": 0.9, "anp_eps": 0.4, "anp_steps": 1, "anp_alpha": 0.2,
-    "noise_clip": True, **PRUNING_DEFAULTS,
-}
 
 
 def build_parser():
@@ -145,7 +139,7 @@ def defend(run):
 
 
 def main(argv=None):
-    return run_defense(build_parser(), argv, DEFAULTS, DEFENSE, "ANP", defend, check_args)
+    return run_defense(build_parser(), argv, DEFENSE, "ANP", defend, check_args)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,6 @@ from utils.training import accuracy
 
 DEFENSE = "clp"
 
-# The paper's u = 3 (BackdoorBench's config/defense/clp: u 3; its sweep u_min 0, u_max 10, u_num 21). CLP uses no
-# data; the frame's clean subset (1%) only measures the clean-subset accuracy after pruning.
-DEFAULTS = {"yaml_path": "config/defense/clp/config.yaml", "u": 3.0, "pairing": "traced", "sweep": False,
-            "u_min": 0.0, "u_max": 10.0, "u_num": 21, "ratio": 0.01}
 
 # Modules that act on each channel separately and keep the channel count: a BatchNorm after them still normalises
 # the conv's channels.
@@ -57,9 +53,9 @@ def build_parser():
     add("--sweep", type=str2bool,
         help="analysis only: also evaluate the TEST sets for u in linspace(u_min, u_max, u_num) "
              "(u_sweep_test_metrics.csv); never used for the saved model")
-    add("--u_min", type=float)
-    add("--u_max", type=float)
-    add("--u_num", type=int)
+    add("--u_min", type=float, help="sweep (analysis only): the smallest u")
+    add("--u_max", type=float, help="sweep (analysis only): the largest u")
+    add("--u_num", type=int, help="sweep (analysis only): how many u values, evenly spaced")
     return parser
 
 
@@ -231,7 +227,7 @@ def defend(run):
 
 
 def main(argv=None):
-    return run_defense(build_parser(), argv, DEFAULTS, DEFENSE, "CLP", defend, check_args)
+    return run_defense(build_parser(), argv, DEFENSE, "CLP", defend, check_args)
 
 
 if __name__ == "__main__":

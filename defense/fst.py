@@ -28,19 +28,14 @@ from utils.training import train_epoch
 
 DEFENSE = "fst"
 
-# The authors' code (fine_tune/ft.py --ft_mode fst): 10 epochs, SGD lr 0.01 with momentum 0.9 and no weight decay,
-# cosine schedule per epoch, batch 128, alpha 0.2 (its default; its README's CIFAR-10 example uses 0.1 with 2% data);
-# 5% clean data as in BackdoorBench-style comparisons.
-DEFAULTS = {"yaml_path": "config/defense/fst/config.yaml", "ratio": 0.05, "batch_size": 128, "epochs": 10,
-            "lr": 0.01, "sgd_momentum": 0.9, "wd": 0.0, "alpha": 0.2, "linear_name": None, "reinit_bias": True}
 
 
 def build_parser():
     parser = defense_parser("FST: re-initialise the head at its norm, tune away from the original head.")
     add = parser.add_argument
     add("--epochs", type=int, help="tuning epochs")
-    add("--lr", type=float)
-    add("--sgd_momentum", type=float)
+    add("--lr", type=float, help="SGD learning rate (cosine schedule per epoch)")
+    add("--sgd_momentum", type=float, help="SGD momentum")
     add("--wd", type=float, help="weight decay (the authors' code uses none)")
     add("--alpha", type=float, help="weight of the inner product <w_head, w_head_original> in the loss")
     add("--linear_name", type=none_or_str, help="qualified name of the classifier head (default: found)")
@@ -127,7 +122,7 @@ def defend(run):
 
 
 def main(argv=None):
-    return run_defense(build_parser(), argv, DEFAULTS, DEFENSE, "FST", defend, check_args)
+    return run_defense(build_parser(), argv, DEFENSE, "FST", defend, check_args)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,14 @@ from utils.training import EpochStats, TrainingRecipe, train_classifier
 
 DEFENSE = "ft"
 
-# BackdoorBench's config/defense/ft/config.yaml values.
-DEFAULTS = {"yaml_path": "config/defense/ft/config.yaml", "ratio": 0.05, "batch_size": 256, "epochs": 100,
-            "lr": 0.01, "sgd_momentum": 0.9, "wd": 0.0005, "lr_scheduler": "CosineAnnealingLR"}
 
 
 def build_parser():
     parser = defense_parser("FT: fine-tune the backdoored model on the clean subset.")
     add = parser.add_argument
     add("--epochs", type=int, help="fine-tuning epochs")
-    add("--lr", type=float)
-    add("--sgd_momentum", type=float)
+    add("--lr", type=float, help="SGD learning rate")
+    add("--sgd_momentum", type=float, help="SGD momentum")
     add("--wd", type=float, help="weight decay")
     add("--lr_scheduler", type=str, choices=["CosineAnnealingLR", "none"], help="stepped once per epoch")
     return parser
@@ -58,7 +55,7 @@ def defend(run):
 
 
 def main(argv=None):
-    return run_defense(build_parser(), argv, DEFAULTS, DEFENSE, "FT", defend, check_args)
+    return run_defense(build_parser(), argv, DEFENSE, "FT", defend, check_args)
 
 
 if __name__ == "__main__":

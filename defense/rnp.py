@@ -19,20 +19,13 @@ import torch.nn.functional as F
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
-from utils.pruning import (PRUNING_DEFAULTS, BatchNormMasks, add_pruning_options, batchnorm_layers,
+from utils.pruning import (BatchNormMasks, add_pruning_options, batchnorm_layers,
                            check_pruning_args, prune_by_masks, split_for_rule)
 from utils.precision import grad_scaler
 from utils.training import gradient_ascent_objective, train_epoch
 
 DEFENSE = "rnp"
 
-# The authors' main.py defaults (BackdoorBench's rnp.py has the same, but batch 256 and a fixed threshold 0.70).
-DEFAULTS = {
-    "yaml_path": "config/defense/rnp/config.yaml", "ratio": 0.01, "batch_size": 128,
-    "unlearning_epochs": 20, "unlearning_lr": 0.01, "schedule": [10, 20], "steplr_gamma": 0.1,
-    "sgd_momentum": 0.9, "wd": 0.0005, "clean_threshold": 0.2, "unlearning_grad_clip": 0.0,
-    "recovering_epochs": 20, "recovering_lr": 0.2, "alpha": 0.2, **PRUNING_DEFAULTS,
-}
 
 
 def build_parser():
@@ -40,7 +33,7 @@ def build_parser():
                             "channels they switch off in the original model.")
     add = parser.add_argument
     add("--unlearning_epochs", type=int, help="at most this many epochs of gradient ascent")
-    add("--unlearning_lr", type=float)
+    add("--unlearning_lr", type=float, help="unlearning SGD learning rate")
     add("--schedule", type=int, nargs="+", help="unlearning MultiStepLR milestones (epochs)")
     add("--steplr_gamma", type=float, help="unlearning MultiStepLR factor")
     add("--sgd_momentum", type=float, help="momentum of the unlearning and the mask SGD")
@@ -49,7 +42,7 @@ def build_parser():
     add("--unlearning_grad_clip", type=float,
         help="clip the total gradient norm while unlearning (0: off; the reference calls its clip of 20 before "
              "backward, where it clips nothing)")
-    add("--recovering_epochs", type=int)
+    add("--recovering_epochs", type=int, help="epochs of mask learning on the unlearned model")
     add("--recovering_lr", type=float, help="mask learning rate")
     add("--alpha", type=float, help="weight of the cross-entropy while recovering (the reference's 0.2)")
     add_pruning_options(parser)
@@ -135,7 +128,7 @@ def defend(run):
 
 
 def main(argv=None):
-    return run_defense(build_parser(), argv, DEFAULTS, DEFENSE, "RNP", defend, check_args)
+    return run_defense(build_parser(), argv, DEFENSE, "RNP", defend, check_args)
 
 
 if __name__ == "__main__":

@@ -50,15 +50,7 @@ from utils.training import EpochStats, accuracy, gradient_ascent_objective, trai
 DEFENSE = "tsbd"
 MOMENTUM = 0.9  # both stages (the reference's SGD; its YAML's sgd_momentum is never read)
 EVAL_EVERY = 10  # stage 2 evaluates the test sets after epochs 0, 10, 20 (the reference)
-N_GRID = [0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9]  # the reference's sweep
 
-# The reference's config/defense/tsbd/config.yaml values that its code reads, plus this implementation's options.
-DEFAULTS = {
-    "yaml_path": "config/defense/tsbd/config.yaml", "ratio": 0.05, "batch_size": 256, "epochs": 1000,
-    "lr_un": 0.0001, "lr_ft": 0.01, "m": 0.7, "ft_epoch": 20, "r": 0.05, "alpha": 0.7, "random_seed": 0,
-    "clean_threshold": 0.10, "n": None, "n_grid": N_GRID, "sweep": False, "select_holdout": 0.2,
-    "select_epochs": 2, "select_tolerance": 0.05, "skip_layers": ["shortcut", "downsample", "proj"],
-}
 
 
 def build_parser():
@@ -384,7 +376,7 @@ def defend(run):
 
 
 def main(argv=None):
-    return run_defense(build_parser(), argv, DEFAULTS, DEFENSE, "TSBD", defend, check_args)
+    return run_defense(build_parser(), argv, DEFENSE, "TSBD", defend, check_args)
 
 
 if __name__ == "__main__":

@@ -30,34 +30,25 @@ from utils.training import gradient_ascent_objective, train_epoch
 
 DEFENSE = "ulrl"
 
-# The reference's config/defense/ulrl/config.yaml (= cifar10.yaml), plus this implementation's options.
-DEFAULTS = {
-    "yaml_path": "config/defense/ulrl/config.yaml",
-    "unlearning_epochs": 20, "unlearning_lr": 0.01, "lr_scheduler": "MultiStepLR", "steplr_milestones": [10, 20],
-    "steplr_gamma": 0.1, "clean_threshold": 0.2, "client_optimizer": "sgd", "sgd_momentum": 0.9, "wd": 0.0005,
-    "unlearning_grad_clip": 20.0, "init": True, "relearn_epochs": 20, "relearn_lr": 0.005, "relearn_alpha": 0.7,
-    "linear_name": None, "selection": "first", "max_neurons": 2, "mad_threshold": 3.5, "scope": "head",
-    "extra_bn_update": True, "ratio": 0.01, "batch_size": 128,
-}
 
 
 def build_parser():
     parser = defense_parser("ULRL: unlearn, find the neurons that moved most, re-initialise them, relearn.")
     add = parser.add_argument
     add("--unlearning_epochs", type=int, help="at most this many unlearning epochs")
-    add("--unlearning_lr", type=float)
+    add("--unlearning_lr", type=float, help="unlearning SGD learning rate")
     add("--lr_scheduler", type=str, choices=["MultiStepLR", "CosineAnnealingLR", "none"],
         help="unlearning schedule, stepped per epoch")
     add("--steplr_milestones", type=int, nargs="+", help="MultiStepLR milestones (epochs)")
-    add("--steplr_gamma", type=float)
+    add("--steplr_gamma", type=float, help="MultiStepLR factor at each milestone")
     add("--clean_threshold", type=float, help="stop unlearning once the epoch's training accuracy is <= this")
     add("--client_optimizer", type=str, choices=["sgd"], help="unlearning optimizer (the reference uses SGD)")
-    add("--sgd_momentum", type=float)
+    add("--sgd_momentum", type=float, help="SGD momentum (unlearning and relearning)")
     add("--wd", type=float, help="unlearning weight decay")
     add("--unlearning_grad_clip", type=float, help="clip the total gradient norm while unlearning")
     add("--init", type=str2bool, help="re-initialise the selected neurons (false: keep them, only the penalty)")
-    add("--relearn_epochs", type=int)
-    add("--relearn_lr", type=float)
+    add("--relearn_epochs", type=int, help="relearning epochs (cosine schedule)")
+    add("--relearn_lr", type=float, help="relearning SGD learning rate")
     add("--relearn_alpha", type=float, help="weight of the cosine-similarity penalty")
     add("--linear_name", type=none_or_str, help="qualified name of the classifier head (default: found)")
     add("--selection", type=str, choices=["first", "top"],
@@ -245,7 +236,7 @@ def defend(run):
 
 
 def main(argv=None):
-    return run_defense(build_parser(), argv, DEFAULTS, DEFENSE, "ULRL", defend, check_args)
+    return run_defense(build_parser(), argv, DEFENSE, "ULRL", defend, check_args)
 
 
 if __name__ == "__main__":

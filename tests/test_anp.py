@@ -10,18 +10,19 @@ import torch.nn.functional as F
 from conftest import SHARED_RECORDS
 from helpers import load_script, run_defense_on_shared_record
 from test_pruning import Tiny, fake_run, small_data, tiny
-from utils.defense_setup import parse_defense_args
+from utils.defense_setup import defense_defaults, parse_defense_args
 from utils.errors import UserError
 from utils.models import build_model, load_weights
 from utils.pruning import BatchNormMasks
 from utils.records import load_attack_record
 
 anp = load_script("defense/anp.py")
+DEFAULTS = defense_defaults(anp.build_parser(), "anp")  # what a run starts from: the YAML
 
 
 def test_defaults_are_the_reference_values_from_the_yaml():
     args = parse_defense_args(anp.build_parser(), ["--result_file", "x", "--yaml_path",
-                                                      "config/defense/anp/cifar10.yaml"], anp.DEFAULTS)
+                                                      "config/defense/anp/cifar10.yaml"], "anp")
     assert (args.ratio, args.batch_size, args.nb_iter, args.print_every, args.lr, args.anp_eps, args.anp_steps,
             args.anp_alpha, args.noise_clip) == (0.01, 128, 2000, 500, 0.2, 0.4, 1, 0.2, True)
     assert (args.pruning_by, args.pruning_number, args.acc_tolerance, args.sweep) == ("threshold", 0.2, None, False)
@@ -50,7 +51,7 @@ def small_setup():
 @pytest.mark.parametrize("clip", [True, False])
 def test_perturbation_is_one_sign_step_from_a_uniform_start_and_bounded_by_eps(clip):
     model, data = small_setup()
-    args = fake_run(anp.DEFAULTS, **options(anp_eps=0.4, anp_steps=1, noise_clip=clip)).args
+    args = fake_run(DEFAULTS, **options(anp_eps=0.4, anp_steps=1, noise_clip=clip)).args
     x, y = data.normalise(data.images[:8]), data.labels[:8]
     with BatchNormMasks(model, "ANP", noise=True) as masks:
         anp.perturb(model, masks, x, y, args, torch.Generator().manual_seed(3))
@@ -102,7 +103,7 @@ def test_perturbed_forward_scales_gamma_by_mask_plus_noise_and_beta_by_one_plus_
 def test_mask_optimisation_changes_only_the_masks(eps, passes):
     model, data = small_setup()
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    run = fake_run(anp.DEFAULTS, **options(anp_eps=eps, lr=1.0))
+    run = fake_run(DEFAULTS, **options(anp_eps=eps, lr=1.0))
     with BatchNormMasks(model, "ANP", noise=True) as masks:
         rows = anp.optimise_masks(run, model, masks, data)
         values = masks.values()["bn"]

@@ -142,7 +142,7 @@ def test_every_registered_model_is_paired_or_refused(name):
 
 def test_defaults_from_the_yaml():
     args = parse_defense_args(clp.build_parser(), ["--result_file", "x", "--yaml_path",
-                                                      "config/defense/clp/cifar10.yaml"], clp.DEFAULTS)
+                                                      "config/defense/clp/cifar10.yaml"], "clp")
     assert (args.u, args.pairing, args.sweep, args.u_min, args.u_max, args.u_num) == (3.0, "traced", False, 0, 10, 21)
 
 

@@ -77,13 +77,13 @@ def test_shipped_ulrl_configs_hold_the_reference_values():
     for name, lr, alpha in (("config", 0.005, 0.7), ("cifar10", 0.005, 0.7), ("cifar100", 0.001, 0.001),
                             ("gtsrb", 0.001, 0.001), ("tiny", 0.001, 0.001)):
         args = parse_defense_args(ulrl.build_parser(), ["--result_file", "x", "--yaml_path",
-                                                        f"config/defense/ulrl/{name}.yaml"], ulrl.DEFAULTS)
+                                                        f"config/defense/ulrl/{name}.yaml"], "ulrl")
         assert (args.relearn_lr, args.relearn_alpha) == (lr, alpha)
         assert args.unlearning_epochs == 20 and args.relearn_epochs == 20 and args.steplr_milestones == [10, 20]
         assert args.clean_threshold == 0.2 and args.ratio == 0.01 and args.init is True and args.amp == "auto"
         assert args.selection == "first" and args.max_neurons == 2 and args.scope == "head"
     overridden = parse_defense_args(ulrl.build_parser(), ["--result_file", "x", "--init", "False",
-                                                          "--steplr_milestones", "3", "6"], ulrl.DEFAULTS)
+                                                          "--steplr_milestones", "3", "6"], "ulrl")
     assert overridden.init is False and overridden.steplr_milestones == [3, 6]
 
 

@@ -4,7 +4,7 @@ import types
 import pytest
 
 import utils.defense_run as defense_run
-from utils.defense_setup import COMMON_DEFAULTS, defense_parser, parse_defense_args
+from utils.defense_setup import defense_parser, parse_defense_args
 from utils.errors import UserError
 
 
@@ -46,6 +46,6 @@ def test_phase_is_timed_even_when_it_fails():
 
 def test_eval_limit_must_not_be_negative():
     with pytest.raises(UserError, match="eval_limit"):
-        parse_defense_args(defense_parser("t"), ["--result_file", "x", "--eval_limit", "-1"], {})
-    args = parse_defense_args(defense_parser("t"), ["--result_file", "x"], {})
-    assert args.eval_limit == COMMON_DEFAULTS["eval_limit"] == 0
+        parse_defense_args(defense_parser("t"), ["--result_file", "x", "--eval_limit", "-1"])
+    args = parse_defense_args(defense_parser("t"), ["--result_file", "x"])
+    assert args.eval_limit == 0

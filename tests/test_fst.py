@@ -119,7 +119,7 @@ def test_every_registered_model_gets_its_head_reinitialised_at_its_norm(name):
 
 def test_defaults_are_the_authors_from_the_yaml():
     args = parse_defense_args(fst.build_parser(), ["--result_file", "x", "--yaml_path",
-                                                      "config/defense/fst/cifar10.yaml"], fst.DEFAULTS)
+                                                      "config/defense/fst/cifar10.yaml"], "fst")
     assert (args.ratio, args.batch_size, args.epochs, args.lr, args.sgd_momentum, args.wd, args.alpha,
             args.reinit_bias) == (0.05, 128, 10, 0.01, 0.9, 0.0, 0.2, True)
 

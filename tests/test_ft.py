@@ -15,10 +15,10 @@ ft = load_script("defense/ft.py")
 
 def test_defaults_are_backdoorbenchs_from_the_yaml():
     args = parse_defense_args(ft.build_parser(), ["--result_file", "x", "--yaml_path",
-                                                     "config/defense/ft/cifar10.yaml"], ft.DEFAULTS)
+                                                     "config/defense/ft/cifar10.yaml"], "ft")
     assert (args.ratio, args.batch_size, args.epochs, args.lr, args.sgd_momentum, args.wd, args.lr_scheduler) == (
         0.05, 256, 100, 0.01, 0.9, 0.0005, "CosineAnnealingLR")
-    assert parse_defense_args(ft.build_parser(), ["--result_file", "x", "--epochs", "7"], ft.DEFAULTS).epochs == 7
+    assert parse_defense_args(ft.build_parser(), ["--result_file", "x", "--epochs", "7"], "ft").epochs == 7
 
 
 def test_negative_epochs_is_a_clear_error():

@@ -12,7 +12,7 @@ import utils.defense_run as defense_run
 from conftest import SHARED_RECORDS
 from helpers import load_script, run_defense_on_shared_record
 from test_pruning import fake_run, small_data, tiny
-from utils.defense_setup import parse_defense_args
+from utils.defense_setup import defense_defaults, parse_defense_args
 from utils.errors import UserError, run_cli
 from utils.models import build_model, load_weights
 from utils.pruning import BatchNormMasks
@@ -21,18 +21,19 @@ from utils.tensor_data import Augmentation, DeviceImages
 from utils.training import EvalSets
 
 rnp = load_script("defense/rnp.py")
+DEFAULTS = defense_defaults(rnp.build_parser(), "rnp")  # what a run starts from: the YAML
 
 
 def test_defaults_are_the_reference_values_from_the_yaml():
     args = parse_defense_args(rnp.build_parser(), ["--result_file", "x", "--yaml_path",
-                                                      "config/defense/rnp/cifar10.yaml"], rnp.DEFAULTS)
+                                                      "config/defense/rnp/cifar10.yaml"], "rnp")
     assert (args.ratio, args.batch_size, args.unlearning_lr, args.unlearning_epochs, args.schedule,
             args.clean_threshold, args.recovering_lr, args.recovering_epochs, args.alpha) == (
         0.01, 128, 0.01, 20, [10, 20], 0.2, 0.2, 20, 0.2)
     assert (args.pruning_by, args.pruning_number, args.acc_tolerance, args.sweep, args.prune_bias) == (
         "threshold", 0.2, None, False, False)
     assert parse_defense_args(rnp.build_parser(), ["--result_file", "x", "--acc_tolerance", "0.03"],
-                              rnp.DEFAULTS).acc_tolerance == 0.03
+                              "rnp").acc_tolerance == 0.03
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -51,11 +52,11 @@ def options(**changes):
 
 
 def test_unlearning_stops_after_the_first_epoch_at_or_below_the_threshold():
-    first = rnp.unlearn(fake_run(rnp.DEFAULTS, **options(clean_threshold=1.0)), tiny(), small_data())
+    first = rnp.unlearn(fake_run(DEFAULTS, **options(clean_threshold=1.0)), tiny(), small_data())
     assert len(first) == 1  # any accuracy is <= 1
     model = tiny()
     before = [p.detach().clone() for p in model.parameters()]
-    rows = rnp.unlearn(fake_run(rnp.DEFAULTS, **options(clean_threshold=-1.0)), model, small_data())  # never met
+    rows = rnp.unlearn(fake_run(DEFAULTS, **options(clean_threshold=-1.0)), model, small_data())  # never met
     assert len(rows) == 3
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
@@ -63,7 +64,7 @@ def test_unlearning_stops_after_the_first_epoch_at_or_below_the_threshold():
 def test_recovering_learns_only_the_masks_within_0_and_1():
     model = tiny()
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    run = fake_run(rnp.DEFAULTS, **options(recovering_lr=5.0))
+    run = fake_run(DEFAULTS, **options(recovering_lr=5.0))
     with BatchNormMasks(model, "RNP") as masks:
         rows = rnp.recover(run, model, masks, small_data())
         values = masks.values()["bn"]

@@ -282,17 +282,18 @@ def test_preactresnet18_has_the_references_17_layers_and_3904_channels():
 
 @pytest.mark.parametrize("yaml_path", ["config/defense/tsbd/config.yaml", "config/defense/tsbd/cifar10.yaml"])
 def test_shipped_yaml_holds_the_reference_values(yaml_path):
-    args = parse_defense_args(tsbd.build_parser(), ["--result_file", "x", "--yaml_path", yaml_path], tsbd.DEFAULTS)
+    args = parse_defense_args(tsbd.build_parser(), ["--result_file", "x", "--yaml_path", yaml_path], "tsbd")
     assert (args.ratio, args.batch_size, args.epochs, args.lr_un, args.lr_ft, args.m, args.ft_epoch, args.r,
             args.alpha, args.random_seed, args.clean_threshold) == (0.05, 256, 1000, 1e-4, 0.01, 0.7, 20, 0.05, 0.7,
                                                                     0, 0.10)
-    assert args.n is None and args.sweep is False and args.n_grid == tsbd.N_GRID
-    assert {key: getattr(args, key) for key in tsbd.DEFAULTS if key != "yaml_path"} == {
-        key: value for key, value in tsbd.DEFAULTS.items() if key != "yaml_path"}
+    assert args.n is None and args.sweep is False
+    assert args.n_grid == [0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9]  # the reference's sweep
+    assert (args.select_holdout, args.select_epochs, args.select_tolerance) == (0.2, 2, 0.05)
+    assert args.skip_layers == ["shortcut", "downsample", "proj"] and args.amp == "auto"
 
 
 def test_n_is_a_number_or_none_on_the_command_line():
-    parse = lambda *argv: parse_defense_args(tsbd.build_parser(), ["--result_file", "x", *argv], tsbd.DEFAULTS)
+    parse = lambda *argv: parse_defense_args(tsbd.build_parser(), ["--result_file", "x", *argv], "tsbd")
     assert parse("--n", "0.05").n == 0.05 and parse("--n", "none").n is None and parse().n is None
     assert parse("--n_grid", "0.1", "0.2").n_grid == [0.1, 0.2]
 

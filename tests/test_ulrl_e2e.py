@@ -44,7 +44,7 @@ def test_full_evaluation_of_the_record_matches_backdoorbench(tmp_path):
     require_shared_record("badnet_0_1")
     args = parse_defense_args(defense_parser("test"), [
         "--result_file", "badnet_0_1", "--record_dir", str(SHARED_RECORDS), "--dataset", "cifar10",
-        "--dataset_path", str(CIFAR10_DIR.parent), "--device", "cpu", "--progress", "False"], {})
+        "--dataset_path", str(CIFAR10_DIR.parent), "--device", "cpu", "--progress", "False"])
     setup = prepare_defense(args)
     assert len(setup.eval_sets.clean_test) == 10000 and len(setup.eval_sets.bd_test) == 9000
     metrics = evaluate(setup.model, setup.eval_sets)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from utils.attack_record import PoisonedSamples, new_record_folder, write_attack_record
-from utils.config import parse_config, str2bool
+from utils.config import parse_config, show_defaults, str2bool
 from utils.datasets import CleanSplit, dataset_info
 from utils.errors import UserError
 from utils.models import build_model, cpu_state_dict
@@ -41,36 +41,38 @@ def attack_parser(description):
     add = parser.add_argument
     add("--yaml_path", type=str, help="prototype YAML (training recipe), e.g. config/attack/prototype/cifar10.yaml")
     add("--bd_yaml_path", type=str, help="attack YAML, e.g. config/attack/badnet/default.yaml")
-    add("--save_folder_name", type=str, help="record/<save_folder_name>/ (never overwritten)")
-    add("--record_dir", type=str, help="where record folders go (default record)")
-    add("--dataset", type=str)
-    add("--dataset_path", type=str)
-    add("--download", type=str2bool)
-    add("--model", type=str)
-    add("--epochs", type=int)
-    add("--batch_size", type=int)
-    add("--lr", type=float)
-    add("--lr_scheduler", type=str, choices=["CosineAnnealingLR", "OneCycle", "none"])
+    add("--save_folder_name", type=str, metavar="NAME", help="(required) record/NAME/ (never overwritten)")
+    add("--record_dir", type=str, help="where record folders go")
+    add("--dataset", type=str, help="clean dataset: cifar10, cifar100, gtsrb, tiny, mnist")
+    add("--dataset_path", type=str, help="folder holding <dataset>/")
+    add("--download", type=str2bool, help="download the clean dataset if it is missing (cifar10/100, mnist)")
+    add("--model", type=str, help="registered model name (utils/models.py)")
+    add("--epochs", type=int, help="training epochs")
+    add("--batch_size", type=int, help="training batch size")
+    add("--lr", type=float, help="SGD learning rate (peak of OneCycle)")
+    add("--lr_scheduler", type=str, choices=["CosineAnnealingLR", "OneCycle", "none"],
+        help="learning-rate schedule: CosineAnnealingLR per epoch (BackdoorBench), OneCycle per batch, or none")
     add("--warmup_epochs", type=float, help="OneCycle: epochs of linear warm-up")
-    add("--sgd_momentum", type=float)
-    add("--nesterov", type=str2bool)
-    add("--wd", type=float)
-    add("--label_smoothing", type=float)
+    add("--sgd_momentum", type=float, help="SGD momentum")
+    add("--nesterov", type=str2bool, help="Nesterov momentum")
+    add("--wd", type=float, help="weight decay")
+    add("--label_smoothing", type=float, help="label smoothing of the training loss")
     add("--crop_padding", type=int, help="random-crop padding of the training augmentation (BackdoorBench: 4)")
-    add("--amp", type=amp_option,
+    add("--amp", type=amp_option, metavar="{auto,true,false}",
         help="autocast: auto (float16 on CUDA, bfloat16 only on CPUs that run it natively), true or false")
-    add("--random_seed", type=int)
+    add("--random_seed", type=int, help="seed of python, numpy and torch (and of the poisoned samples)")
     add("--pratio", type=float, help="share of the training set poisoned")
     add("--attack_target", type=int, help="target label (all2one)")
     add("--attack_label_trans", type=str, choices=LABEL_TRANSFORMS)
-    add("--device", type=str)
-    add("--eval_batch_size", type=int)
+    add("--device", type=str, help="cpu, cuda, cuda:N (default: cuda when available)")
+    add("--eval_batch_size", type=int, help="batch size of the final evaluation")
     add("--num_workers", type=int, help="accepted for BackdoorBench compatibility; data lives on the device")
-    add("--progress", type=str2bool)
+    add("--progress", type=str2bool, help="show a progress bar")
     return parser
 
 
 def parse_attack_args(parser, argv, attack_defaults):
+    show_defaults(parser, {**DEFAULTS, **attack_defaults})  # before the YAML files, which override them
     args = parse_config(parser, argv, {**DEFAULTS, **attack_defaults}, yaml_options=("yaml_path", "bd_yaml_path"))
     if not args.save_folder_name:
         raise UserError("--save_folder_name is required (the record folder name under record/)")

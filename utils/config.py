@@ -69,6 +69,35 @@ def _coerce(action, value, source):
         raise UserError(f"{source}: option {action.dest}: {err}") from None
 
 
+def read_defaults(parser, paths):
+    """The values of the YAML files `paths` merged in order (later wins), each converted with its option's type."""
+    actions = {action.dest: action for action in parser._actions}
+    merged = {}
+    for path in paths:
+        for key, value in read_yaml(path).items():
+            merged[key] = _coerce(actions[key], value, path) if key in actions else value
+    return merged
+
+
+def show_defaults(parser, defaults):
+    """Write each option's default (from the YAML files) into its help, and name the accepted booleans, so that
+    --help tells what a run would use."""
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        if action.type is str2bool:
+            action.metavar = "{true,false}"
+        if action.dest in defaults:
+            value = defaults[action.dest]
+            if isinstance(value, bool):
+                shown = str(value).lower()
+            elif isinstance(value, (list, tuple)):
+                shown = " ".join(map(str, value))
+            else:
+                shown = value
+            action.help = f"{action.help or ''} (default: {shown})".strip()
+
+
 def parse_config(parser, argv, defaults, yaml_options=("yaml_path",)):
     """Parse `argv`, then merge: command-line values (not None) over the YAML files over `defaults`.
 

@@ -6,7 +6,7 @@
         return model
 
     def main(argv=None):
-        return run_defense(build_parser(), argv, DEFAULTS, "ft", "FT", defend)
+        return run_defense(build_parser(), argv, "ft", "FT", defend)
 
 run_defense parses the options, prepares the record/data/model (utils.defense_setup), opens
 record/<name>/defense/<defense>/ (built aside, renamed into place when the run succeeds), writes the clean-subset
@@ -72,10 +72,10 @@ class DefenseRun:
         self.logger.info(f"{label}: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
 
 
-def run_defense(parser, argv, defaults, defense, title, algorithm, check_args=None):
+def run_defense(parser, argv, defense, title, algorithm, check_args=None):
     """Run `algorithm(run) -> defended model` inside the standard frame; returns the exit status 0.
     `check_args(args)` validates the defense's own options (raise UserError) before anything is loaded."""
-    args = parse_defense_args(parser, argv, defaults)
+    args = parse_defense_args(parser, argv, defense)
     if check_args is not None:
         check_args(args)
     started = time.perf_counter()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from utils.config import none_or_str, parse_config, str2bool
+from utils.config import REPO_ROOT, none_or_str, parse_config, read_defaults, show_defaults, str2bool
 from utils.datasets import CleanSplit, dataset_info
 from utils.errors import UserError
 from utils.models import build_model, load_weights
@@ -23,8 +23,10 @@ def defense_parser(description):
     """The options every defense shares; each defaults to None so that YAML and defaults can fill it."""
     parser = argparse.ArgumentParser(description=description)
     add = parser.add_argument
-    add("--result_file", type=str, help="record folder name under --record_dir (or a path to the folder)")
-    add("--yaml_path", type=str, help="YAML config; command-line values override it")
+    add("--result_file", type=str, metavar="NAME",
+        help="(required) record folder name under --record_dir (or a path to the folder)")
+    add("--yaml_path", type=str, help="YAML file over the defense's config.yaml (e.g. its <dataset>.yaml); "
+        "command-line values override both")
     add("--dataset", type=str, help="clean dataset of the record: cifar10, cifar100, gtsrb, tiny, mnist")
     add("--dataset_path", type=str, help="folder holding <dataset>/ (default data)")
     add("--download", type=str2bool, help="download the clean dataset if it is missing (cifar10/100, mnist)")
@@ -37,7 +39,7 @@ def defense_parser(description):
     add("--index", type=none_or_str, help="file of clean-subset indices (one per line) instead of sampling")
     add("--random_seed", type=int, help="seed of python, numpy and torch")
     add("--batch_size", type=int, help="training batch size")
-    add("--amp", type=amp_option,
+    add("--amp", type=amp_option, metavar="{auto,true,false}",
         help="autocast: auto (float16 on CUDA, bfloat16 only on CPUs that run it natively), true or false")
     add("--eval_every", type=int, help="also evaluate the test sets every N epochs (0: only at phase ends)")
     add("--eval_batch_size", type=int, help="batch size of evaluation")
@@ -48,13 +50,21 @@ def defense_parser(description):
     return parser
 
 
-COMMON_DEFAULTS = {"dataset_path": "data", "record_dir": "record", "download": False, "trust_record": False,
-                   "device": None, "ratio": 0.01, "index": None, "random_seed": 0, "batch_size": 128, "amp": "auto",
-                   "eval_every": 0, "eval_batch_size": 256, "eval_limit": 0, "num_workers": 0, "progress": True}
+DEFENSE_CONFIGS = REPO_ROOT / "config" / "defense"
 
 
-def parse_defense_args(parser, argv, defaults):
-    args = parse_config(parser, argv, {**COMMON_DEFAULTS, **defaults})
+def defense_defaults(parser, defense=None):
+    """Every default of `defense`, from YAML only: config/defense/common.yaml (the frame's options), then
+    config/defense/<defense>/config.yaml (none: the frame's alone); each value converted with its option's type."""
+    paths = [DEFENSE_CONFIGS / "common.yaml"] + ([DEFENSE_CONFIGS / defense / "config.yaml"] if defense else [])
+    return read_defaults(parser, paths)
+
+
+def parse_defense_args(parser, argv, defense=None):
+    """The options of a run of `defense`: command line > --yaml_path > its config.yaml > common.yaml."""
+    defaults = defense_defaults(parser, defense)
+    show_defaults(parser, defaults)
+    args = parse_config(parser, argv, defaults)
     if not args.result_file:
         raise UserError("--result_file is required (the record folder name under record/)")
     if not 0 < args.ratio <= 1:

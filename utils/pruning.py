@@ -174,10 +174,6 @@ def largest_within_tolerance(amounts, accuracies, baseline, tolerance):
 
 # ---------------------------------------------------------------- the pruning step of a mask-scoring defense
 
-PRUNING_DEFAULTS = {"pruning_by": "threshold", "pruning_number": 0.2, "pruning_max": 0.9, "pruning_step": 0.05,
-                    "acc_tolerance": None, "holdout_ratio": 0.2, "sweep": False, "prune_bias": False}
-
-
 def add_pruning_options(parser):
     add = parser.add_argument
     add("--pruning_by", type=str, choices=["threshold", "number"],
