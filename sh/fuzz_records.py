@@ -54,7 +54,7 @@ def load_and_digest(record_dir, data_dir):
     """Load record_dir/fuzz as a defense does, evaluate once; a digest of everything loaded and measured."""
     args = parse_defense_args(defense_parser("fuzz"), [
         "--result_file", RECORD, "--record_dir", str(record_dir), "--dataset", "cifar10", "--dataset_path",
-        str(data_dir), "--device", "cpu", "--ratio", "0.1", "--amp", "false", "--progress", "false"], {})
+        str(data_dir), "--device", "cpu", "--ratio", "0.1", "--amp", "false", "--progress", "false"])
     setup = prepare_defense(args)
     for side in ("info.pickle", "train_poison_index_list.pickle"):  # the API path: a record's side pickles
         load_record_pickle(setup.record.folder, side)
@@ -407,8 +407,8 @@ def paths(m):
     png = m.png()
     kind = m.rng.choice(["missing_png", "absolute_outside", "dotdot_outside", "symlink_out", "symlink_dir_out",
                          "png_is_folder"])
-    outside = m.folder / "outside.png"
-    shutil.copy(png, outside)
+    outside = m.folder / "outside.png"  # other pixels: reading it would change what is loaded
+    Image.fromarray(255 - np.asarray(Image.open(png))).save(outside)
     raw = m.raw()
     entries = m.entries(raw)
     index = int(png.stem)
@@ -425,8 +425,11 @@ def paths(m):
         png.unlink()
         png.symlink_to(outside)
     elif kind == "symlink_dir_out":
+        elsewhere = m.folder / "elsewhere"
+        shutil.copytree(png.parent, elsewhere)
+        shutil.copy(outside, elsewhere / png.name)
         shutil.rmtree(png.parent)
-        png.parent.symlink_to(m.folder)
+        png.parent.symlink_to(elsewhere)
     elif kind == "png_is_folder":
         png.unlink()
         png.mkdir()
