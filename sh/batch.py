@@ -27,10 +27,11 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s --defenses NAME [NAME ...] [options] [-- defense options]")
     parser.add_argument("--defenses", nargs="+", required=True, help=f"any of: {', '.join(available_defenses())}")
     parser.add_argument("--records", nargs="+", help="record folder names (default: every record in --record_dir)")
-    parser.add_argument("--record_dir", default="record")
+    parser.add_argument("--record_dir", default="record", help="where the record folders are (default: record)")
     parser.add_argument("--dataset", help="passed to every defense (default: each record's own)")
     parser.add_argument("--log_dir", help="default: <record_dir>/batch_logs/<date_time>")
     parser.add_argument("--force", action="store_true", help="rerun pairs whose result exists")

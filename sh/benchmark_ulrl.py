@@ -4,30 +4,24 @@
     python sh/benchmark_ulrl.py badnet_0_1 -- --relearn_epochs 5    # anything after -- goes to defense/ulrl.py
 
 Each record runs in a fresh process (so peak memory is its own) and writes its usual outputs to
-record/<name>/defense/ulrl/. Records missing from record/ are copied from ../shared/records when present there.
+record/<name>/defense/ulrl/.
 """
 import argparse
 import json
 import platform
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_RECORDS = REPO_ROOT.parent / "shared" / "records"
 PHASES = ("load", "evaluate_before", "unlearn", "relearn", "evaluate_after")
 
 
 def ensure_record(name, record_dir):
     if (record_dir / name / "attack_result.pt").is_file():
         return True
-    source = SHARED_RECORDS / name
-    if (source / "attack_result.pt").is_file():
-        shutil.copytree(source, record_dir / name, ignore=shutil.ignore_patterns("defense"))
-        return True
-    print(f"error: record {name} not found in {record_dir} nor {SHARED_RECORDS}", file=sys.stderr)
+    print(f"error: record {name} not found in {record_dir} (copy the whole record folder there)", file=sys.stderr)
     return False
 
 
@@ -47,10 +41,11 @@ def report(name, summary, wall):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("records", nargs="+", help="record folder names under --record_dir")
-    parser.add_argument("--record_dir", default="record")
-    parser.add_argument("--yaml_path", default="config/defense/ulrl/cifar10.yaml")
+    parser.add_argument("--record_dir", default="record", help="where the record folders are")
+    parser.add_argument("--yaml_path", default="config/defense/ulrl/cifar10.yaml", help="ULRL's YAML file")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)

@@ -29,15 +29,15 @@ def test_negative_epochs_is_a_clear_error():
 @pytest.fixture(scope="module")
 def ft_run(tmp_path_factory):
     return run_defense_on_shared_record(tmp_path_factory.mktemp("ft"), "defense/ft.py", "config/defense/ft/cifar10.yaml",
-                                        "--epochs", 2, "--ratio", 0.01)
+                                        "--epochs", 2, "--ratio", 0.005)
 
 
 def test_ft_end_to_end_changes_the_model_and_reports(ft_run):
     folder, result = ft_run
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["defense"] == "ft" and summary["clean_samples"] == 500 and summary["eval_limit"] == 500
-    assert summary["images"]["finetune"] == 2 * 500 and summary["images"]["evaluate_before"] == 1000
+    assert summary["defense"] == "ft" and summary["clean_samples"] == 250 and summary["eval_limit"] == 500
+    assert summary["images"]["finetune"] == 2 * 250 and summary["images"]["evaluate_before"] == 1000
     table = pd.read_csv(folder / "ft_df.csv", index_col=0)
     assert len(table) == 2 and table["test_acc"].iloc[-1] == pytest.approx(summary["after"]["test_acc"])
     assert any(line.startswith("FT: ACC") or "FT: ACC" in line for line in result.stdout.splitlines())

@@ -15,7 +15,6 @@ import struct
 import warnings
 import zipfile
 from pathlib import Path
-from typing import List
 
 import numpy as np
 import pytest
@@ -27,6 +26,10 @@ from utils.records import RECORD_KEYS, PoisonedSplit, load_attack_record, load_r
 from utils.safe_pickle import ALLOWED_GLOBALS, ForbiddenGlobal, RestrictedUnpickler, safe_torch_load
 
 from conftest import SHARED_RECORDS, require_shared_record  # noqa: E402
+from helpers import load_script  # noqa: E402
+
+fuzz_records = load_script("sh/fuzz_records.py")  # its hostile archives: TorchScript payload, bad zip fields
+
 REAL_RECORDS = {"badnet_0_1": "badnet", "blended_0_1": "blended"}
 TARGET = 0
 
@@ -300,27 +303,6 @@ def test_crafted_side_pickle_is_refused(tmp_path, filename):
     assert marker.exists()
 
 
-class _ScriptedPayload(torch.nn.Module):
-    """A TorchScript module whose __setstate__ (run by torch.jit.load) prints a marker."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = torch.zeros(1)
-
-    def forward(self, x):
-        return x
-
-    @torch.jit.export
-    def __getstate__(self) -> List[torch.Tensor]:
-        return [self.weight]
-
-    @torch.jit.export
-    def __setstate__(self, state: List[torch.Tensor]) -> None:
-        self.weight = state[0]
-        self.training = False
-        print("TORCHSCRIPT_PAYLOAD_RAN")
-
-
 def test_torchscript_archive_is_refused_before_its_code_runs(tmp_path, capfd):
     """torch.load(weights_only=False) hands TorchScript zips to torch.jit.load, which runs their __setstate__
     code without consulting the unpickler's allow-list."""
@@ -328,33 +310,17 @@ def test_torchscript_archive_is_refused_before_its_code_runs(tmp_path, capfd):
     folder.mkdir(parents=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.script(_ScriptedPayload()), str(folder / "attack_result.pt"))
+        torch.jit.save(torch.jit.script(fuzz_records.ScriptedPayload()), str(folder / "attack_result.pt"))
         capfd.readouterr()
         torch.jit.load(str(folder / "attack_result.pt"))  # control: loading it does run the code
-        assert "TORCHSCRIPT_PAYLOAD_RAN" in capfd.readouterr().out
+        assert fuzz_records.MARKER in capfd.readouterr().out
 
         with pytest.raises(UserError, match="TorchScript") as info:
             safe_torch_load(folder / "attack_result.pt")
         assert "--trust_record" in str(info.value)
         with pytest.raises(UserError, match="TorchScript"):
             load_attack_record("evil", tmp_path / "record")
-    assert "TORCHSCRIPT_PAYLOAD_RAN" not in capfd.readouterr().out
-
-
-def _with_corrupt_central_extra(data):
-    """The zip `data` with one more extra field in its first central-directory entry, which claims 100 bytes it
-    does not have: Python's zipfile refuses the archive, torch's own reader accepts it."""
-    eocd = data.rfind(b"PK\x05\x06")
-    cd_size, cd_offset = struct.unpack("<II", data[eocd + 12:eocd + 20])
-    name_length, extra_length = struct.unpack("<HH", data[cd_offset + 28:cd_offset + 32])
-    insert_at = cd_offset + 46 + name_length + extra_length
-    out = bytearray(data[:insert_at] + struct.pack("<HH", 0xCAFE, 100) + data[insert_at:])
-    struct.pack_into("<H", out, cd_offset + 30, extra_length + 4)
-    struct.pack_into("<I", out, eocd + 4 + 12, cd_size + 4)
-    zip64_end = out.rfind(b"PK\x06\x06", 0, eocd + 4)
-    if zip64_end >= 0:
-        struct.pack_into("<Q", out, zip64_end + 40, cd_size + 4)
-    return bytes(out)
+    assert fuzz_records.MARKER not in capfd.readouterr().out
 
 
 def test_torchscript_archive_that_pythons_zipfile_cannot_read_is_still_refused(tmp_path, capfd):
@@ -365,16 +331,16 @@ def test_torchscript_archive_that_pythons_zipfile_cannot_read_is_still_refused(t
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.script(_ScriptedPayload()), buffer)
-        (folder / "attack_result.pt").write_bytes(_with_corrupt_central_extra(buffer.getvalue()))
+        torch.jit.save(torch.jit.script(fuzz_records.ScriptedPayload()), buffer)
+        (folder / "attack_result.pt").write_bytes(fuzz_records.corrupt_central_extra(buffer.getvalue()))
         with pytest.raises(zipfile.BadZipFile):
             zipfile.ZipFile(folder / "attack_result.pt")
         capfd.readouterr()
         torch.load(folder / "attack_result.pt", weights_only=False)  # control: torch reads it and runs the code
-        assert "TORCHSCRIPT_PAYLOAD_RAN" in capfd.readouterr().out
+        assert fuzz_records.MARKER in capfd.readouterr().out
         with pytest.raises(UserError, match="TorchScript"):
             load_attack_record("evil", tmp_path / "record")
-    assert "TORCHSCRIPT_PAYLOAD_RAN" not in capfd.readouterr().out
+    assert fuzz_records.MARKER not in capfd.readouterr().out
 
 
 def test_a_changed_byte_under_a_stale_zip_crc_is_refused(tmp_path):

@@ -320,6 +320,7 @@ def tsbd_run(tmp_path_factory):
         "--sweep", "True")
 
 
+@pytest.mark.slow  # ~100 s on 2 AVX2 cores; tests/test_contract.py runs TSBD end to end on a tiny record
 def test_tsbd_end_to_end_writes_the_reference_outputs_and_the_summary(tsbd_run):
     folder, result = tsbd_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -13,7 +13,7 @@ from utils.reporting import EPOCH_COLUMNS
 BADNET_BEFORE = {"test_acc": 0.5356, "test_asr": 0.1351111111111111, "test_ra": 0.5237777777777778}
 
 
-EVAL_LIMIT = 1000  # the full sets (19,000 images) cost ~3.5 min per evaluation on 2 AVX2 cores: the slow test
+EVAL_LIMIT = 500  # the full sets (19,000 images) cost ~3.5 min per evaluation on 2 AVX2 cores: the slow test
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def ulrl_run(tmp_path_factory, request):
     shutil.copytree(SHARED_RECORDS / "badnet_0_1", record_dir / "badnet_0_1", ignore=shutil.ignore_patterns("defense"))
     result = run_script("defense/ulrl.py", "--result_file", "badnet_0_1", "--yaml_path",
                         "config/defense/ulrl/cifar10.yaml", "--dataset", "cifar10", "--record_dir", record_dir,
-                        "--unlearning_epochs", 2, "--relearn_epochs", 2, "--progress", "False", "--device", "cpu",
+                        "--unlearning_epochs", 1, "--relearn_epochs", 2, "--progress", "False", "--device", "cpu",
                         "--eval_limit", EVAL_LIMIT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return record_dir / "badnet_0_1" / "defense" / "ulrl", result
@@ -59,7 +59,7 @@ def test_summary_line_and_before_metrics(ulrl_run):
     assert line, result.stdout[-2000:]
     assert f"ACC {summary['before']['test_acc']:.4f} -> {summary['after']['test_acc']:.4f}" in line[-1]
     assert "ASR" in line[-1] and "RA" in line[-1] and "DER" in line[-1] and line[-1].rstrip().endswith(" s")
-    assert summary["unlearning_epochs_run"] <= 2
+    assert summary["unlearning_epochs_run"] == 1
     for phase in ("load", "evaluate_before", "unlearn", "relearn", "evaluate_after", "total"):
         assert summary["seconds"][phase] > 0
     assert summary["images"]["evaluate_before"] == 2 * EVAL_LIMIT and summary["eval_limit"] == EVAL_LIMIT
@@ -86,7 +86,7 @@ def test_clean_subset_indices_are_backdoorbenchs(ulrl_run):
 
 def test_phase_csvs_summaries_and_plots(ulrl_run):
     folder, _ = ulrl_run
-    for stem, max_rows in (("unlearn_df", 2), ("relearn_df", 2)):
+    for stem, max_rows in (("unlearn_df", 1), ("relearn_df", 2)):
         table = pd.read_csv(folder / f"{stem}.csv", index_col=0)
         assert list(table.columns) == EPOCH_COLUMNS
         assert 1 <= len(table) <= max_rows

@@ -65,7 +65,7 @@ def _cifar_arrays(files, label_key):
 
 @register_dataset(name="cifar10", num_classes=10, img_size=(32, 32, 3), mean=(0.4914, 0.4822, 0.4465),
                   std=(0.247, 0.243, 0.261), random_flip=True, marker="cifar-10-batches-py/data_batch_1",
-                  how_to_get="python ../shared/data/prepare_cifar10.py data/cifar10 (the shared copy), or --download")
+                  how_to_get="--download True, or put the official cifar-10-batches-py/ folder there")
 def read_cifar10(folder, train):
     root = folder / "cifar-10-batches-py"
     files = [root / f"data_batch_{i}" for i in range(1, 6)] if train else [root / "test_batch"]

@@ -88,14 +88,19 @@ def train_epoch(model, data, optimizer, *, batch_size, augment, generator, amp=F
 @torch.inference_mode()
 def predict(model, data, batch_size=256, progress=None):
     """Eval-mode predictions and per-batch mean losses of `data` (against its labels), in full precision:
-    reported metrics must not depend on --amp (bfloat16 flips a few predictions of low-margin models)."""
+    reported metrics must not depend on --amp (bfloat16 flips a few predictions of low-margin models). The model
+    comes back in the mode it came in, so an evaluation in the middle of training (--eval_every) changes nothing."""
+    was_training = model.training
     model.eval()
     predictions, batch_losses = [], []
-    for x, y in tqdm(data.batches(batch_size), total=-(-len(data) // batch_size), desc=progress, leave=False,
-                     disable=progress is None):
-        logits = model(x)
-        batch_losses.append(float(F.cross_entropy(logits, y)))
-        predictions.append(logits.argmax(1))
+    try:
+        for x, y in tqdm(data.batches(batch_size), total=-(-len(data) // batch_size), desc=progress, leave=False,
+                         disable=progress is None):
+            logits = model(x)
+            batch_losses.append(float(F.cross_entropy(logits, y)))
+            predictions.append(logits.argmax(1))
+    finally:
+        model.train(was_training)
     return torch.cat(predictions), batch_losses
 
 
