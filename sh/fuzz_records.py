@@ -7,7 +7,7 @@ does (options, record, clean data, model, clean subset, test sets) up to its fir
 Each mutant runs in a forked child with a time limit and a memory cap, and is classified:
 - ok: loaded, and what it loaded (weights, poisoned test set, first evaluation) equals the unmutated record's
   (a mutation that changed nothing that matters, e.g. a flipped byte of zip padding);
-- clean error: exit 2 with one `error:` line of at most 600 characters;
+- clean error: exit 2 with one `error:` line (at most 300 characters after `error: `);
 - accepted garbage: loaded, but what it loaded differs from the original, for a mutation that makes it wrong;
 - traceback: any other exit; hang: past the time limit (or the memory cap);
 - code executed: a payload in the file ran (it would have created a marker file).
@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from utils.defense_setup import defense_parser, parse_defense_args, prepare_defense
-from utils.errors import UserError, run_cli
+from utils.errors import MESSAGE_LIMIT, UserError, run_cli
 from utils.records import load_record_pickle
 from utils.synthetic import write_synthetic_cifar10, write_tiny_record
 from utils.training import evaluate
@@ -132,7 +132,7 @@ def classify(code, stdout, stderr, case_dir, baseline, expect):
         return "hang"
     if code == 2:
         lines = [line for line in stderr.splitlines() if line.strip()]
-        one = len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) <= 600
+        one = len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) <= 7 + MESSAGE_LIMIT
         return "clean error" if one else "traceback"
     if code == 0:
         digest = next((line.split()[1] for line in stdout.splitlines() if line.startswith("DIGEST ")), None)

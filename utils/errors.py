@@ -2,7 +2,7 @@
 import signal
 import sys
 
-MESSAGE_LIMIT = 600  # characters of one error line: a crafted value can be megabytes long
+MESSAGE_LIMIT = 300  # characters of one error line: a crafted value can be megabytes long
 
 
 class UserError(Exception):

@@ -137,9 +137,8 @@ def check_torch_archive(data, path, trust_option="--trust_record"):
     except Exception as err:  # torch refuses it: so would torch.load, say so in one line
         raise UserError(f"{path}: corrupt zip archive ({summarise_error(err)})") from None
     if any(name == "constants.pkl" for name in records):
-        raise UserError(f"{path}: not loaded, because it is a TorchScript archive, whose code would run while "
-                        f"loading; a BackdoorBench record never is one. If you trust where this file came from, "
-                        f"rerun with {trust_option}.")
+        raise UserError(f"{path}: a TorchScript archive, whose code would run on loading (no BackdoorBench record "
+                        f"is one); not loaded. Trusted? Rerun with {trust_option}.")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             bad = archive.testzip()
@@ -156,8 +155,7 @@ def _torchscript_unreachable(path, trust_option):
     original = torch.jit.load
 
     def refuse(*_args, **_kwargs):
-        raise UserError(f"{path}: not loaded, because torch would run it as TorchScript; if you trust where this "
-                        f"file came from, rerun with {trust_option}.")
+        raise UserError(f"{path}: torch would run it as TorchScript; not loaded. Trusted? Rerun with {trust_option}.")
     torch.jit.load = refuse
     try:
         yield
@@ -179,11 +177,11 @@ def safe_torch_load(path, trust=False, trust_option="--trust_record"):
                               pickle_module=restricted_pickle_module)
     except ForbiddenGlobal as err:
         if err.name.startswith("PIL."):
-            why = (f"it pickles PIL images ({err.name}), as BackdoorBench v1 records and in-memory v2 records do")
+            why = f"it pickles PIL images ({err.name[:40]}), as v1 and in-memory v2 records do"
         else:
-            why = f"it asks to import {err.name[:100]}, which a BackdoorBench record never needs"
-        raise UserError(f"{path}: not loaded, because unpickling it could run code: {why}. "
-                        f"If you trust where this file came from, rerun with {trust_option}.") from None
+            why = f"it imports {err.name[:60]}, which no record needs"
+        raise UserError(f"{path}: unpickling it could run code ({why}); not loaded. Trusted? Rerun with "
+                        f"{trust_option}.") from None
     except FileNotFoundError:
         raise UserError(f"file not found: {path}") from None
     except UserError:
