@@ -43,6 +43,7 @@ def test_auto_follows_the_hardware_on_cpu(monkeypatch):
     assert resolve_amp("auto", CPU) == (True, "precision: bfloat16 autocast (--amp auto: native here)")
     monkeypatch.setattr(precision, "native_cpu_bf16", lambda: (False, "emulated here"))
     assert resolve_amp("auto", CPU) == (False, "precision: float32 (--amp auto: emulated here)")
+    assert resolve_amp(None, CPU) == resolve_amp("auto", CPU)  # a YAML's `amp: null`
 
 
 def test_forced_choices_and_other_devices(monkeypatch):

@@ -62,8 +62,9 @@ def native_cpu_bf16(flags=None, capability=None, max_isa=None):
 
 
 def resolve_amp(requested, device):
-    """The policy: (autocast on?, one-line reason) for `requested` ('auto', True or False) on `device`."""
-    requested = amp_option(requested)
+    """The policy: (autocast on?, one-line reason) for `requested` ('auto', True or False; None: 'auto') on
+    `device`."""
+    requested = "auto" if requested is None else amp_option(requested)
     if requested == "auto":
         if device.type == "cuda":
             return True, "precision: float16 autocast (--amp auto on CUDA)"
