@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from utils.config import str2bool
+
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # ONEDNN_MAX_CPU_ISA values that still allow oneDNN's bfloat16 kernels (AVX512_CORE_BF16 and every ISA above it)
 _BF16_ISA_TAGS = ("ALL", "BF16", "FP16", "AMX", "AVX10")
@@ -19,16 +21,12 @@ _BF16_ISA_TAGS = ("ALL", "BF16", "FP16", "AMX", "AVX10")
 
 def amp_option(text):
     """argparse / YAML type of --amp: 'auto', or a boolean (true/false, yes/no, 1/0, on/off)."""
-    if isinstance(text, bool):
-        return text
-    value = str(text).strip().lower()
-    if value == "auto":
+    if str(text).strip().lower() == "auto":
         return "auto"
-    if value in ("true", "yes", "1", "on", "t", "y"):
-        return True
-    if value in ("false", "no", "0", "off", "f", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
+    try:
+        return str2bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}") from None
 
 
 def cpu_flags(cpuinfo=Path("/proc/cpuinfo")):

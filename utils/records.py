@@ -211,16 +211,16 @@ def load_attack_record(result_file, record_dir="record", trust=False):
                         extra={key: value for key, value in raw.items() if key not in RECORD_KEYS})
 
 
-def _inside(candidate, folder):
-    """Whether `candidate`, links resolved, lies inside the record folder."""
+def _inside(candidate, resolved_folder):
+    """Whether `candidate`, links resolved, lies inside the (already resolved) record folder."""
     try:
-        candidate.resolve().relative_to(folder.resolve())
+        candidate.resolve().relative_to(resolved_folder)
         return True
     except (ValueError, OSError, RuntimeError):
         return False
 
 
-def _resolve_image(recorded, folder, split_folder, original_label, index, file_format):
+def _resolve_image(recorded, folder, resolved_folder, split_folder, original_label, index, file_format):
     """The PNG beside the record, else the recorded path (V2.2 paths are relative to the BackdoorBench root and
     V2.0 paths absolute on the attacker's machine, so the copy beside the loaded record is the one to trust).
     Only files inside the record folder count: a recorded `../` or absolute path, or a link out of the folder,
@@ -229,7 +229,7 @@ def _resolve_image(recorded, folder, split_folder, original_label, index, file_f
     if isinstance(recorded, str) and recorded:
         candidates.append(folder / recorded if not Path(recorded).is_absolute() else Path(recorded))
     for candidate in candidates:
-        if candidate.is_file() and _inside(candidate, folder):
+        if candidate.is_file() and _inside(candidate, resolved_folder):
             return candidate
     return None
 
@@ -257,6 +257,7 @@ def _parse_v2_split(state, name, folder):
         file_format = container.get("save_file_format", ".png")
         if not isinstance(file_format, str) or not 2 <= len(file_format) <= 8 or "/" in file_format:
             raise TypeError(f"save_file_format {_short(file_format, 40)} is not a file ending such as .png")
+        resolved_folder = folder.resolve()  # once, not per image
         keyed = {}
         for key in data_dict:
             index = _sample_index(key, name, path)
@@ -269,7 +270,8 @@ def _parse_v2_split(state, name, folder):
             entry = data_dict[keyed[index]]
             if isinstance(entry, dict):
                 bd_label, original_label = (_label(v, name, path) for v in entry["other_info"])
-                image = _resolve_image(entry.get("path"), folder, split_folder, original_label, index, file_format)
+                image = _resolve_image(entry.get("path"), folder, resolved_folder, split_folder, original_label,
+                                       index, file_format)
                 if image is None:
                     unresolved.append(entry.get("path"))
                 paths.append(image)
