@@ -1,15 +1,20 @@
-"""The attack x defense benchmark on CIFAR-10: builds the attack records it needs, runs every defense on each, and
-writes the table (ACC, ASR, RA, DER, seconds) with the best value per attack marked.
+"""The attack x defense benchmark on CIFAR-10: builds the attack records it needs (one per attack and seed), runs
+every defense on each, writes the table (ACC, ASR, RA, DER, seconds; mean ± spread over seeds), a heat-map of ASR after
+defense, and scores its verdicts against BackdoorBench's leaderboard.
 
-    python sh/benchmark.py --scale cpu        # CPU training recipe (airbench_cpu), this machine: about 2 hours
+    python sh/benchmark.py --scale proxy      # PreAct-ResNet18 at 1/4 width, 5-epoch recipe: the CPU proxy
+    python sh/benchmark.py --scale cpu        # airbench_cpu, 18 epochs: a small network (its verdicts disagree)
     python sh/benchmark.py --scale paper      # PreAct-ResNet18, 100-epoch attacks: for a GPU machine
-    python sh/benchmark.py --scale cpu --attacks badnet blended --defenses none ft ulrl
+    python sh/benchmark.py --scale proxy --seeds 0 --attacks badnet blended --defenses none ft anp clp
 
-Attacks are all-to-one, target 0, 10% poisoning, named record/<attack>_<scale>; a record that exists is reused,
-and a defense result that exists is not recomputed, so an interrupted benchmark continues where it stopped
-(delete record/<attack>_<scale>/defense/<defense>/ to redo one cell). Output: record/benchmark/<scale>/summary.csv,
-summary.md, summary.png, logs/ (one log per run) and benchmark.json (date, machine, wall time); the table is
-printed at the end. Defaults of every defense are its config/defense/<name>/cifar10.yaml.
+Attacks are all-to-one, target 0, 10% poisoning, named record/<attack>_<scale> for seed 0 and
+record/<attack>_<scale>_seed<N> for seed N; a record that exists is reused and a defense result that exists is not
+recomputed, so an interrupted benchmark continues where it stopped (delete record/<record>/defense/<defense>/ to redo
+one cell). Output in record/benchmark/<scale>/: runs.csv (one row per seed), summary.csv and summary.md (mean and
+spread over seeds, the leaderboard score), asr_heatmap.png, logs/ (one log per run) and benchmark.json (date,
+machine, wall time); the summary is printed at the end. Every defense runs at its config/defense/<name>/cifar10.yaml.
+The leaderboard (resource/leaderboard/cifar10.md, or --leaderboard) scores every cell that it holds: a cell agrees
+when both say the same about the defended ASR (at most 20%: removes). Defenses not on it are reported, not scored.
 """
 import argparse
 import json
@@ -23,14 +28,16 @@ if __package__ in (None, ""):  # run as `python sh/benchmark.py`: make the repos
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.batch import REPO_ROOT, Job, available_defenses, defense_job, run_jobs, write_report  # noqa: E402
-from utils.benchmark import collect, write_outputs  # noqa: E402
+from utils.benchmark import aggregate, collect_seeds, write_benchmark  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
+from utils.leaderboard import read_leaderboard  # noqa: E402
 
 ATTACKS = ["badnet", "blended", "sig", "wanet", "bpp", "inputaware"]
 DEFENSES = ["none", "ft", "ulrl", "tsbd", "rnp", "anp", "fst", "clp"]
-SCALES = {  # scale -> the prototype YAML (training recipe) of its attacks
-    "cpu": "config/attack/prototype/cifar10_cpu.yaml",
-    "paper": "config/attack/prototype/cifar10.yaml",
+SCALES = {  # scale -> the prototype YAML (training recipe) of its attacks, and the label its tables carry
+    "proxy": ("config/attack/prototype/cifar10_proxy.yaml", "proxy (PreAct-ResNet18 at 1/4 width, 5-epoch CPU recipe)"),
+    "cpu": ("config/attack/prototype/cifar10_cpu.yaml", "cpu, a small network (airbench_cpu, 18-epoch CPU recipe)"),
+    "paper": ("config/attack/prototype/cifar10.yaml", "paper (PreAct-ResNet18, BackdoorBench's 100-epoch recipe)"),
 }
 DATASET = "cifar10"
 
@@ -44,14 +51,19 @@ def attack_yaml(attack, scale):
     raise UserError(f"attack {attack!r} has no config/attack/{attack}/default.yaml")
 
 
-def attack_job(attack, scale, record_dir, log_dir):
+def record_name(attack, scale, seed):
+    return f"{attack}_{scale}" if seed == 0 else f"{attack}_{scale}_seed{seed}"
+
+
+def attack_job(attack, scale, seed, record_dir, log_dir):
     script = REPO_ROOT / "attack" / f"{attack}.py"
     if not script.is_file():
         raise UserError(f"unknown attack {attack!r}: attack/{attack}.py does not exist")
-    name = f"{attack}_{scale}"
-    command = [sys.executable, str(script), "--yaml_path", SCALES[scale], "--bd_yaml_path", attack_yaml(attack, scale),
+    name = record_name(attack, scale, seed)
+    command = [sys.executable, str(script), "--yaml_path", SCALES[scale][0], "--bd_yaml_path", attack_yaml(attack, scale),
                "--save_folder_name", name, "--record_dir", str(Path(record_dir).resolve()), "--dataset", DATASET,
-               "--attack_target", "0", "--pratio", "0.1", "--attack_label_trans", "all2one", "--progress", "False"]
+               "--attack_target", "0", "--pratio", "0.1", "--attack_label_trans", "all2one", "--progress", "False",
+               "--random_seed", str(seed)]
     return Job(name=f"attack {name}", command=command, log=Path(log_dir) / f"attack_{name}.log",
                result=Path(record_dir).resolve() / name / "attack_result.pt")
 
@@ -77,6 +89,9 @@ def main(argv=None):
     parser.add_argument("--attacks", nargs="+", default=ATTACKS)
     parser.add_argument("--defenses", nargs="+", default=DEFENSES,
                         help="'none' is the backdoored model; defenses without a script yet are left out")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="attack seeds (default: 0 1 2)")
+    parser.add_argument("--leaderboard", help="the leaderboard file to score against (default: "
+                        "resource/leaderboard/cifar10.md)")
     parser.add_argument("--record_dir", default="record")
     parser.add_argument("--out", help="default: <record_dir>/benchmark/<scale>")
     parser.add_argument("--timeout", type=float, help="seconds after which one attack or defense run is stopped")
@@ -90,12 +105,15 @@ def main(argv=None):
     if absent:
         print(f"left out (no defense/<name>.py): {', '.join(absent)}")
 
-    attack_report = run_jobs([attack_job(a, args.scale, args.record_dir, logs) for a in args.attacks],
-                             timeout=args.timeout)
-    records = {a: Path(args.record_dir) / f"{a}_{args.scale}" for a in args.attacks}
-    built = [a for a in args.attacks if (records[a] / "attack_result.pt").is_file()]
-    jobs = [defense_job(d, records[a].name, args.record_dir, logs, DATASET)
-            for a in built for d in defenses if d != "none"]
+    leaderboard = read_leaderboard(args.leaderboard)  # a bad file stops here, before hours of training
+
+    attack_report = run_jobs([attack_job(a, args.scale, seed, args.record_dir, logs)
+                              for seed in args.seeds for a in args.attacks], timeout=args.timeout)
+    records = {seed: {a: Path(args.record_dir) / record_name(a, args.scale, seed) for a in args.attacks}
+               for seed in args.seeds}
+    jobs = [defense_job(d, folder.name, args.record_dir, logs, DATASET)
+            for by_attack in records.values() for folder in by_attack.values()
+            if (folder / "attack_result.pt").is_file() for d in defenses if d != "none"]
     defense_report = run_jobs(jobs, timeout=args.timeout)
     report = attack_report.extend(defense_report)
     print("\n".join(report.lines()))
@@ -103,11 +121,11 @@ def main(argv=None):
 
     wall = time.perf_counter() - started
     info = {"scale": args.scale, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-            "wall_seconds_this_invocation": wall, "attacks": args.attacks, "defenses": defenses}
-    title = (f"CIFAR-10, {args.scale} scale ({SCALES[args.scale]}), all-to-one target 0, 10% poisoning; "
-             f"{info['date']}, {info['machine']}")
-    table = collect(records, defenses)
-    text = write_outputs(table, out, title)
+            "wall_seconds_this_invocation": wall, "attacks": args.attacks, "defenses": defenses, "seeds": args.seeds}
+    title = (f"Scale: {SCALES[args.scale][1]}. CIFAR-10, all-to-one target 0, 10% poisoning, attack seeds "
+             f"{' '.join(map(str, args.seeds))}; {info['date']}, {info['machine']}")
+    runs = collect_seeds(records, defenses)
+    text = write_benchmark(runs, aggregate(runs, leaderboard.verdict), leaderboard, out, title)
     (out / "benchmark.json").write_text(json.dumps(info, indent=2) + "\n")
     print(text)
     print(f"wall time of this invocation: {wall / 60:.1f} min (reused records and results cost nothing); "

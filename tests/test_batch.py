@@ -147,13 +147,17 @@ def test_none_row_of_a_backdoorbench_record_comes_from_its_attack_df_summary():
 def test_benchmark_resumes_from_existing_records_and_results(tmp_path):
     _fake_record(tmp_path, "badnet_cpu", {"test_acc": 0.85, "test_asr": 0.96, "test_ra": 0.03},
                  {"ft": (0.84, 0.10, 0.80, 0.925, 60.0)})
-    result = run_script("sh/benchmark.py", "--scale", "cpu", "--attacks", "badnet", "--defenses", "none", "ft",
-                        "nosuchdefense", "--record_dir", tmp_path, timeout=300)
+    result = run_script("sh/benchmark.py", "--scale", "cpu", "--seeds", "0", "--attacks", "badnet", "--defenses",
+                        "none", "ft", "nosuchdefense", "--record_dir", tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "left out (no defense/<name>.py): nosuchdefense" in result.stdout
     assert "ran 0, skipped 2" in result.stdout  # the record and the ft result were reused
-    assert "| badnet | ft | **0.8400** | **0.1000** |" in result.stdout
+    assert "| badnet | ft | 0.840 | 0.100 | 0.800 | 0.925 | 60.0 | 1 |" in result.stdout
+    assert "Scale: cpu, a small network" in result.stdout
+    assert "1 of 1 verdicts agree" in result.stdout  # badnet x ft: removes here and on the leaderboard
     out = tmp_path / "benchmark" / "cpu"
     assert (out / "summary.md").read_text() in result.stdout
+    assert (out / "asr_heatmap.png").stat().st_size > 1000 and len(pd.read_csv(out / "runs.csv")) == 2
     info = json.loads((out / "benchmark.json").read_text())
     assert info["scale"] == "cpu" and info["defenses"] == ["none", "ft"] and "cores" in info["machine"]
+    assert info["seeds"] == [0]

@@ -244,7 +244,7 @@ def test_one_channel_models_keep_the_rgb_key_names_and_head(name):
     rgb_shapes = {k: tuple(v.shape) for k, v in rgb.state_dict().items()}
     assert list(grey_shapes) == list(rgb_shapes)
     differing = {k for k in grey_shapes if grey_shapes[k] != rgb_shapes[k]}
-    assert differing == ({"conv1.weight"} if name == "preactresnet18" else set())
+    assert differing == ({"conv1.weight"} if name.startswith("preactresnet") else set())
     assert classifier_head(grey, 10)[0] == classifier_head(rgb, 10)[0]
     if name in EXPECTED_HEADS:
         assert classifier_head(grey, 10)[0] == EXPECTED_HEADS[name]
@@ -316,3 +316,17 @@ def test_cpu_state_dict_is_a_detached_contiguous_copy():
     fresh = load_weights(build_model("preactresnet18", 10), reloaded)
     assert torch.equal(fresh.conv1.weight, state["conv1.weight"])
 
+
+
+@pytest.mark.parametrize("name", sorted(name for name in MODELS if name.startswith("preactresnet")))
+def test_the_preact_family_keeps_backdoorbench_module_names(name):
+    """The proxy's candidates differ from PreAct-ResNet18 in width and depth only: every key of the narrower or
+    shallower model is one of PreAct-ResNet18's (same structure, BatchNorms and head), so defenses see the same."""
+    full = build_model("preactresnet18", 10).state_dict()
+    member = build_model(name, 10).state_dict()
+    assert set(member) <= set(full) and {k for k in full if k.startswith("layer1.0")} <= set(member)
+    assert sum(v.numel() for k, v in full.items() if "running" not in k and "num_batches" not in k) == 11_171_146
+    width = member["conv1.weight"].shape[0]
+    assert member["linear.weight"].shape == (10, 8 * width)
+    blocks = 2 if name.startswith("preactresnet18") else 1
+    assert (f"layer4.{blocks - 1}.conv2.weight" in member) and (f"layer4.{blocks}.conv2.weight" not in member)

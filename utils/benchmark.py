@@ -2,11 +2,14 @@
 
 Row per (attack, defense): ACC, ASR, RA (fractions), DER and the defense's seconds. The row of defense `none` is
 the backdoored model itself (the attack's own evaluation). A pair without a result is kept with status `missing`.
+Over several attack seeds, `aggregate` gives each cell's mean and spread, and the benchmark's outputs add a heat-map
+of ASR after defense and the score against a leaderboard (utils/leaderboard.py).
 """
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 METRIC_COLUMNS = ["acc", "asr", "ra", "der", "seconds"]
@@ -132,4 +135,97 @@ def write_outputs(table, folder, title="", first_column="attack"):
     text = markdown(table, title, first_column)
     (folder / "summary.md").write_text(text)
     plot(table, folder / "summary.png")
+    return text
+
+
+def collect_seeds(records, defenses):
+    """records: {seed: {attack: record folder}}; the runs of every seed, one table with a `seed` column."""
+    tables = [collect(by_attack, defenses).assign(seed=seed) for seed, by_attack in records.items()]
+    return pd.concat(tables, ignore_index=True)
+
+
+def aggregate(runs, verdict):
+    """Per (attack, defense) over the seeds with a full-test-set result: mean and standard deviation of each metric,
+    the number of seeds, and the set of per-seed verdicts (`verdict`: ASR -> "removes" or "fails")."""
+    done = runs[runs["status"] == "ok"]
+    rows = []
+    for (attack, defense), group in runs.groupby(["attack", "defense"], sort=False):
+        ok = done[(done["attack"] == attack) & (done["defense"] == defense)]
+        row = {"attack": attack, "defense": defense, "seeds": len(ok)}
+        for column in METRIC_COLUMNS:
+            values = ok[column].dropna()
+            row[f"{column}_mean"] = values.mean() if len(values) else math.nan
+            row[f"{column}_std"] = values.std(ddof=0) if len(values) > 1 else math.nan
+        row["verdicts"] = frozenset(verdict(asr) for asr in ok["asr"].dropna())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _mean_spread(row, column):
+    mean, spread = row[f"{column}_mean"], row[f"{column}_std"]
+    if math.isnan(mean):
+        return "-"
+    digits = 1 if column == "seconds" else 3
+    return f"{mean:.{digits}f}" + ("" if math.isnan(spread) else f" ± {spread:.{digits}f}")
+
+
+def summary_markdown(summary, title=""):
+    """The aggregated table: mean ± standard deviation over seeds (population), the seed count, flipping verdicts."""
+    header = ["attack", "defense", "ACC", "ASR", "RA", "DER", "seconds", "seeds"]
+    lines = [f"{title}\n" if title else "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in summary.iterrows():
+        flip = " (verdict flips)" if len(row["verdicts"]) > 1 else ""
+        lines.append("| " + " | ".join([row["attack"], row["defense"] + flip]
+                                        + [_mean_spread(row, column) for column in METRIC_COLUMNS]
+                                        + [str(row["seeds"])]) + " |")
+    lines.append("\nMean ± standard deviation over the attack seeds that finished (seeds column); `none` is the "
+                 "backdoored model (its seconds: the attack's run). DER = (max(0, dASR) - max(0, dACC) + 1) / 2.")
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def heatmap(summary, path, title="", disagreeing=()):
+    """ASR after defense, attack (rows) x defense (columns), mean over seeds printed in each cell; cells in
+    `disagreeing` ({(attack, defense)}: the verdict differs from the leaderboard's) are framed in blue."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    attacks = list(dict.fromkeys(summary["attack"]))
+    defenses = list(dict.fromkeys(summary["defense"]))
+    grid = np.full((len(attacks), len(defenses)), np.nan)
+    for _, row in summary.iterrows():
+        grid[attacks.index(row["attack"]), defenses.index(row["defense"])] = row["asr_mean"]
+    figure, axis = plt.subplots(figsize=(1.0 + 0.9 * len(defenses), 1.0 + 0.55 * len(attacks)))
+    image = axis.imshow(np.ma.masked_invalid(grid), cmap="Reds", vmin=0, vmax=1, aspect="auto")
+    for i, attack in enumerate(attacks):
+        for j, defense in enumerate(defenses):
+            value = grid[i, j]
+            axis.text(j, i, "-" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=8,
+                      color="white" if not np.isnan(value) and value > 0.6 else "black")
+            if (attack, defense) in disagreeing:
+                axis.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="tab:blue", lw=2.5))
+    axis.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right")
+    axis.set_yticks(range(len(attacks)), attacks)
+    axis.set_title(title or "ASR after defense", fontsize=9)
+    figure.colorbar(image, ax=axis, fraction=0.04, label="ASR")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_benchmark(runs, summary, leaderboard, folder, title=""):
+    """The benchmark's outputs in folder: runs.csv (one row per seed), summary.csv and summary.md (mean ± spread,
+    the leaderboard score), asr_heatmap.png; returns the Markdown."""
+    from utils.leaderboard import score, score_lines
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(folder / "runs.csv", index=False)
+    cells, correlations = score(summary, leaderboard)
+    table = summary.assign(verdicts=summary["verdicts"].map(lambda seen: " ".join(sorted(seen))))
+    table.to_csv(folder / "summary.csv", index=False)
+    cells.drop(columns=["verdicts"], errors="ignore").to_csv(folder / "leaderboard_score.csv", index=False)
+    disagreeing = {(row.attack, row.defense) for row in cells.itertuples() if not row.agrees}
+    heatmap(summary[summary["defense"] != "none"], folder / "asr_heatmap.png",
+            "ASR after defense (mean over seeds); blue frame: verdict differs from the leaderboard", disagreeing)
+    text = summary_markdown(summary, title) + "\n" + "\n".join(score_lines(cells, correlations, leaderboard)) + "\n"
+    (folder / "summary.md").write_text(text)
     return text

@@ -43,18 +43,24 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet18(nn.Module):
-    """BackdoorBench's PreAct-ResNet18: no BN after the stem, none after layer4, head named `linear`."""
+    """BackdoorBench's PreAct-ResNet18: no BN after the stem, none after layer4, head named `linear`.
 
-    def __init__(self, num_classes=10, in_channels=3):
+    `width` (channels of layer1; BackdoorBench: 64, doubled at each stage) and `blocks` (PreActBlocks per stage;
+    BackdoorBench: 2) give the narrower and shallower members of the family that the CPU proxy uses; the module
+    names, and so the state_dict keys and what each defense sees, are the same for every member.
+    """
+
+    def __init__(self, num_classes=10, in_channels=3, width=64, blocks=2):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        in_planes = 64
-        for index, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
-            setattr(self, f"layer{index}", nn.Sequential(PreActBlock(in_planes, planes, stride),
-                                                         PreActBlock(planes, planes, 1)))
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
+        in_planes = width
+        for index, stride in enumerate((1, 2, 2, 2), start=1):
+            planes = width * 2 ** (index - 1)
+            stage = [PreActBlock(in_planes, planes, stride)] + [PreActBlock(planes, planes, 1) for _ in range(blocks - 1)]
+            setattr(self, f"layer{index}", nn.Sequential(*stage))
             in_planes = planes
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(in_planes, num_classes)
 
     def forward(self, x):
         out = self.conv1(x)
@@ -65,6 +71,19 @@ class PreActResNet18(nn.Module):
 @register_model("preactresnet18")
 def preactresnet18(num_classes, img_size):
     return PreActResNet18(num_classes=num_classes, in_channels=img_size[2])
+
+
+def _preact_member(width, blocks):
+    def build(num_classes, img_size):
+        return PreActResNet18(num_classes=num_classes, in_channels=img_size[2], width=width, blocks=blocks)
+    return build
+
+
+# the PreAct family's CPU-proxy candidates (docs/results.md: how the proxy was chosen): preactresnet<depth>_w<width>,
+# depth 18 = 2 blocks per stage, 10 = 1
+for _width in (16, 24, 32):
+    for _depth, _blocks in ((18, 2), (10, 1)):
+        register_model(f"preactresnet{_depth}_w{_width}")(_preact_member(_width, _blocks))
 
 
 def _grey_to_rgb(module, args):
