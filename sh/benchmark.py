@@ -6,6 +6,7 @@ defense, and scores its verdicts against BackdoorBench's leaderboard.
     python sh/benchmark.py --scale cpu        # airbench_cpu, 18 epochs: a small network (its verdicts disagree)
     python sh/benchmark.py --scale paper      # PreAct-ResNet18, 100-epoch attacks: for a GPU machine
     python sh/benchmark.py --scale proxy --seeds 0 --attacks badnet blended --defenses none ft anp clp
+    python sh/benchmark.py --scale paper --executor slurm --slurm_config my_cluster.yaml   # on a cluster
 
 Attacks are all-to-one, target 0, 10% poisoning, named record/<attack>_<scale> for seed 0 and
 record/<attack>_<scale>_seed<N> for seed N; a record that exists is reused and a defense result that exists is not
@@ -15,6 +16,8 @@ spread over seeds, the leaderboard score), asr_heatmap.png, logs/ (one log per r
 machine, wall time); the summary is printed at the end. Every defense runs at its config/defense/<name>/cifar10.yaml.
 The leaderboard (resource/leaderboard/cifar10.md, or --leaderboard) scores every cell that it holds: a cell agrees
 when both say the same about the defended ASR (at most 20%: removes). Defenses not on it are reported, not scored.
+With --executor slurm the attacks go to SLURM as one job array, then the defenses as a second (submitit; resources
+from config/executor/slurm.yaml, --slurm_config, --slurm_*); the driver waits for each and writes the same outputs.
 """
 import argparse
 import json
@@ -31,6 +34,7 @@ from utils.batch import REPO_ROOT, Job, available_defenses, defense_job, run_job
 from utils.benchmark import aggregate, collect_seeds, write_benchmark  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.leaderboard import read_leaderboard  # noqa: E402
+from utils.slurm import add_executor_options, slurm_settings  # noqa: E402
 
 ATTACKS = ["badnet", "blended", "sig", "wanet", "bpp", "inputaware"]
 DEFENSES = ["none", "ft", "ulrl", "tsbd", "rnp", "anp", "fst", "clp"]
@@ -95,7 +99,9 @@ def main(argv=None):
     parser.add_argument("--record_dir", default="record")
     parser.add_argument("--out", help="default: <record_dir>/benchmark/<scale>")
     parser.add_argument("--timeout", type=float, help="seconds after which one attack or defense run is stopped")
+    add_executor_options(parser)
     args = parser.parse_args(argv)
+    slurm = slurm_settings(args) if args.executor == "slurm" else None
     started = time.perf_counter()
     out = Path(args.out or Path(args.record_dir) / "benchmark" / args.scale)
     logs = out / "logs"
@@ -108,13 +114,16 @@ def main(argv=None):
     leaderboard = read_leaderboard(args.leaderboard)  # a bad file stops here, before hours of training
 
     attack_report = run_jobs([attack_job(a, args.scale, seed, args.record_dir, logs)
-                              for seed in args.seeds for a in args.attacks], timeout=args.timeout)
+                              for seed in args.seeds for a in args.attacks], timeout=args.timeout, slurm=slurm,
+                             dry_run=args.dry_run)
     records = {seed: {a: Path(args.record_dir) / record_name(a, args.scale, seed) for a in args.attacks}
                for seed in args.seeds}
     jobs = [defense_job(d, folder.name, args.record_dir, logs, DATASET)
             for by_attack in records.values() for folder in by_attack.values()
-            if (folder / "attack_result.pt").is_file() for d in defenses if d != "none"]
-    defense_report = run_jobs(jobs, timeout=args.timeout)
+            if args.dry_run or (folder / "attack_result.pt").is_file() for d in defenses if d != "none"]
+    defense_report = run_jobs(jobs, timeout=args.timeout, slurm=slurm, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
     report = attack_report.extend(defense_report)
     print("\n".join(report.lines()))
     write_report(report, logs)

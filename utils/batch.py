@@ -93,20 +93,35 @@ def record_names(record_dir):
                   if not path.parent.name.startswith("."))
 
 
-def run_jobs(jobs, force=False, timeout=None, echo=print):
-    """Run the jobs one after another (from the repository root); never stops at a failure."""
+def run_jobs(jobs, force=False, timeout=None, echo=print, slurm=None, dry_run=False):
+    """Run the jobs whose result is missing (all with `force`), never stopping at a failure: one after another
+    from the repository root, or, given `slurm` (utils.slurm.SlurmSettings), as one SLURM job array. `dry_run`
+    prints what would run instead."""
     report = BatchReport()
+    pending = []
     for number, job in enumerate(jobs, 1):
-        prefix = f"[{number}/{len(jobs)}] {job.name}"
         if job.result.is_file() and not force:
             report.skipped.append(job.name)
-            echo(f"{prefix}: skipped (result exists: {job.result})")
-            continue
+            echo(f"[{number}/{len(jobs)}] {job.name}: skipped (result exists: {job.result})")
+        else:
+            pending.append(job)
+    if dry_run:
+        from utils.slurm import describe
+        lines = (describe(pending, slurm, timeout) if slurm else
+                 [f"would run {job.name}: {' '.join(map(str, job.command))}" for job in pending])
+        for line in lines:
+            echo(line)
+        return report
+    if slurm:
+        from utils.slurm import run_on_slurm
+        return run_on_slurm(pending, slurm, report, timeout, echo)
+    for number, job in enumerate(pending, 1):
+        prefix = f"[{number}/{len(pending)}] {job.name}"
         job.log.parent.mkdir(parents=True, exist_ok=True)
         echo(f"{prefix}: running (log {job.log})")
         tick = time.perf_counter()
         with open(job.log, "w") as log:
-            log.write("$ " + " ".join(job.command) + "\n")
+            log.write("$ " + " ".join(map(str, job.command)) + "\n")
             log.flush()
             try:
                 code = subprocess.run(job.command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
