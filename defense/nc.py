@@ -1,0 +1,371 @@
+"""NC: Neural Cleanse.
+
+Wang, Yao, Shan, Li, Viswanath, Zheng, Zhao. "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural
+Networks", IEEE S&P 2019.
+For every class, reverse-engineer the smallest trigger (a mask m in [0, 1]^{HxW} and a pattern in pixel space) that
+sends the clean subset to that class: minimise CE + cost * |m|_1 under the paper's cost schedule. A class whose mask
+is a small outlier (MAD anomaly index above 2, below the median) is a backdoor target; unlearn it by fine-tuning on
+the clean subset in which a share of the images carries its reversed trigger and keeps its true label. When no class
+is flagged the model is returned unchanged.
+All classes are optimised together (K stamped copies of one batch in one forward pass) within a step budget per class
+(docs/defenses.md, "Faithfulness: NC").
+
+    python defense/nc.py --result_file badnet_0_1 --yaml_path config/defense/nc/cifar10.yaml --dataset cifar10
+"""
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python defense/nc.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils.defense_run import run_defense
+from utils.defense_setup import defense_parser
+from utils.errors import UserError, run_cli
+from utils.precision import autocast
+from utils.reporting import write_table
+from utils.tensor_data import DeviceImages
+from utils.training import EpochStats, TrainingRecipe, train_classifier
+from utils.triggers import to_uint8_images
+
+DEFENSE = "nc"
+MAD_CONSISTENCY = 1.4826  # MAD * 1.4826 estimates the standard deviation of normally distributed norms
+ADAM_BETAS = (0.5, 0.9)  # the paper's code and BackdoorBench's
+
+
+def build_parser():
+    parser = defense_parser("NC: reverse-engineer a minimal trigger per class, flag small outliers, unlearn them.")
+    add = parser.add_argument
+    add("--mask_lr", type=float, help="Adam learning rate of the masks and patterns (betas 0.5, 0.9)")
+    add("--init_cost", type=float, help="starting weight of the mask L1 norm in the loss")
+    add("--cost_multiplier", type=float,
+        help="the cost is multiplied by this after --patience successful rounds, divided by its 1.5th power after "
+             "--patience failed ones")
+    add("--patience", type=int, help="rounds of success (or failure) before the cost goes up (or down)")
+    add("--atk_succ_threshold", type=float,
+        help="share of stamped clean images sent to the class that makes a round successful (a fraction: "
+             "BackdoorBench's 98.0 is 0.98)")
+    add("--early_stop_threshold", type=float,
+        help="a round improves the best mask norm only if it is below this share of the best so far")
+    add("--early_stop_patience", type=int,
+        help="stop a class after this many rounds without improvement (once the cost went both up and down)")
+    add("--mask_batch_size", type=int, help="clean images per class in each step (all classes share them)")
+    add("--round_steps", type=int, help="steps per round, the unit of the cost schedule and early stop "
+                                        "(BackdoorBench's unit: an epoch over the clean subset)")
+    add("--mask_rounds", type=int, help="at most this many rounds per class (the step budget)")
+    add("--anomaly_threshold", type=float,
+        help="flag a class whose mask norm is below the median with an anomaly index above this")
+    add("--unlearning_ratio", type=float,
+        help="share of the clean subset stamped with a flagged class's reversed trigger (true labels kept)")
+    add("--epochs", type=int, help="unlearning fine-tuning epochs (only when a class is flagged)")
+    add("--lr", type=float, help="unlearning SGD learning rate")
+    add("--sgd_momentum", type=float, help="unlearning SGD momentum")
+    add("--wd", type=float, help="unlearning weight decay")
+    add("--lr_scheduler", type=str, choices=["CosineAnnealingLR", "none"], help="unlearning schedule, per epoch")
+    return parser
+
+
+def check_args(args):
+    for name in ("patience", "early_stop_patience", "mask_batch_size", "round_steps", "mask_rounds"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1")
+    for name in ("mask_lr", "init_cost"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be > 0")
+    if args.cost_multiplier <= 1:
+        raise UserError("--cost_multiplier must be > 1")
+    if not 0 < args.atk_succ_threshold <= 1:
+        raise UserError(f"--atk_succ_threshold must be a fraction in (0, 1] (BackdoorBench's 98.0 is 0.98), "
+                        f"got {args.atk_succ_threshold}")
+    if not 0 < args.early_stop_threshold <= 1:
+        raise UserError("--early_stop_threshold must be in (0, 1]")
+    if not 0 < args.unlearning_ratio <= 1:
+        raise UserError("--unlearning_ratio must be in (0, 1]")
+    if args.epochs < 0:
+        raise UserError("--epochs must be >= 0")
+
+
+# ---------------------------------------------------------------- reverse engineering
+
+def bounded(raw):
+    """A free parameter -> values in (0, 1), as the paper's tanh parametrisation."""
+    return torch.tanh(raw) / 2 + 0.5
+
+
+def unbounded(values):
+    return torch.atanh((2 * values - 1).clamp(-0.999, 0.999))
+
+
+def stamp_normalised(x, masks, patterns, data):
+    """Every trigger on every image of the normalised batch x (B, C, H, W): (A * B, C, H, W), trigger-major.
+    Normalisation is affine per channel, so stamping the normalised pattern on the normalised image equals
+    normalising the stamped pixels."""
+    pattern = data.from_pixels(patterns * 255.0)
+    stamped = (1 - masks[:, None]) * x[None] + (masks * pattern)[:, None]
+    return stamped.flatten(0, 1)
+
+
+@dataclass
+class ClassSearch:
+    """NC's bookkeeping for one class after each round: the best mask norm, the cost schedule and the early stop
+    (the paper's code, with a round of steps where it has an epoch)."""
+    cost: float
+    multiplier: float
+    rounds: int = 0
+    best_norm: float = math.inf
+    early_stop_best: float = math.inf
+    early_stop_counter: int = 0
+    up_counter: int = 0
+    down_counter: int = 0
+    went_up: bool = False
+    went_down: bool = False
+    stopped: str = ""  # why the search ended: "early stop" or "budget"
+
+    def end_round(self, success, norm, args):
+        """Update after a round with mean attack success `success` and mean mask norm `norm`; returns whether this
+        round's mask is the new best (successful and smaller)."""
+        self.rounds += 1
+        improved = success >= args.atk_succ_threshold and norm < self.best_norm
+        if improved:
+            self.best_norm = norm
+        if self.best_norm < math.inf:
+            stalled = self.best_norm >= args.early_stop_threshold * self.early_stop_best
+            self.early_stop_counter = self.early_stop_counter + 1 if stalled else 0
+            self.early_stop_best = min(self.early_stop_best, self.best_norm)
+        if self.went_up and self.went_down and self.early_stop_counter >= args.early_stop_patience:
+            self.stopped = "early stop"
+            return improved
+        if success >= args.atk_succ_threshold:
+            self.up_counter, self.down_counter = self.up_counter + 1, 0
+        else:
+            self.up_counter, self.down_counter = 0, self.down_counter + 1
+        if self.up_counter >= args.patience:
+            self.up_counter, self.cost, self.went_up = 0, self.cost * self.multiplier, True
+        elif self.down_counter >= args.patience:
+            self.down_counter, self.cost, self.went_down = 0, self.cost / self.multiplier ** 1.5, True
+        if self.rounds >= args.mask_rounds:
+            self.stopped = "budget"
+        return improved
+
+
+@dataclass
+class ReversedTriggers:
+    masks: torch.Tensor  # (K, 1, H, W) in [0, 1]
+    patterns: torch.Tensor  # (K, C, H, W) pixels in [0, 1]
+    searches: list  # one ClassSearch per class
+    reached: list  # whether each class's trigger ever reached --atk_succ_threshold
+    images: int  # stamped images passed through the model
+
+    @property
+    def norms(self):
+        return self.masks.flatten(1).sum(1)
+
+
+def endless_batches(data, batch_size, generator):
+    while True:
+        yield from data.batches(batch_size, shuffle=True, generator=generator)
+
+
+def reverse_engineer(model, data, num_classes, args, generator, log, amp=False):
+    """Optimise a mask and a pattern for every class at once: each step stamps all active classes' triggers on one
+    batch of the clean subset and takes one Adam step on sum_k (CE_k + cost_k * |m_k|_1). A class leaves the batch
+    when NC's early stop fires or its round budget is spent."""
+    device = data.device
+    _, height, width, channels = data.images.shape
+    raw_mask = unbounded(torch.rand(num_classes, 1, height, width, generator=generator)).to(device)
+    raw_pattern = unbounded(torch.rand(num_classes, channels, height, width, generator=generator)).to(device)
+    raw_mask.requires_grad_(True)
+    raw_pattern.requires_grad_(True)
+    # Adam acts elementwise, so one Adam over the stacked parameters is K independent ones
+    optimizer = torch.optim.Adam([raw_mask, raw_pattern], lr=args.mask_lr, betas=ADAM_BETAS)
+    searches = [ClassSearch(args.init_cost, args.cost_multiplier) for _ in range(num_classes)]
+    best_masks, best_patterns = bounded(raw_mask.detach()), bounded(raw_pattern.detach())
+    reached = [False] * num_classes
+    batches = endless_batches(data, args.mask_batch_size, generator)
+    images = 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=args.mask_rounds, desc="nc rounds", leave=False, disable=not args.progress)
+    try:
+        while active := [k for k, search in enumerate(searches) if not search.stopped]:
+            index = torch.tensor(active, device=device)
+            costs = torch.tensor([searches[k].cost for k in active], device=device)
+            success_sum = torch.zeros(len(active), device=device)
+            norm_sum = torch.zeros(len(active), device=device)
+            for _ in range(args.round_steps):
+                x, _ = next(batches)
+                masks, patterns = bounded(raw_mask[index]), bounded(raw_pattern[index])
+                targets = index.repeat_interleave(len(x))
+                with autocast(device, amp, unscaled=True):
+                    logits = model(stamp_normalised(x, masks, patterns, data))
+                ce = F.cross_entropy(logits.float(), targets, reduction="none").view(len(active), len(x)).mean(1)
+                norms = masks.flatten(1).sum(1)
+                # gradients of the triggers only: the model's weight gradients would cost a third more
+                raw_mask.grad, raw_pattern.grad = torch.autograd.grad((ce + costs * norms).sum(),
+                                                                      [raw_mask, raw_pattern])
+                optimizer.step()
+                success_sum += (logits.detach().argmax(1) == targets).float().view(len(active), len(x)).mean(1)
+                norm_sum += norms.detach()
+                images += len(targets)
+            current_masks, current_patterns = bounded(raw_mask.detach()), bounded(raw_pattern.detach())
+            successes, mean_norms = (success_sum / args.round_steps).tolist(), (norm_sum / args.round_steps).tolist()
+            log.info(f"round {searches[active[0]].rounds + 1}: class (success, mean mask norm) "
+                     + ", ".join(f"{k} ({s:.3f}, {n:.1f})" for k, s, n in zip(active, successes, mean_norms)))
+            for k, success, norm in zip(active, successes, mean_norms):
+                if searches[k].end_round(success, norm, args) or not reached[k]:
+                    # the best successful mask; until one succeeds, the latest
+                    best_masks[k], best_patterns[k] = current_masks[k], current_patterns[k]
+                    reached[k] = reached[k] or success >= args.atk_succ_threshold
+                if searches[k].stopped:
+                    log.info(f"class {k}: {searches[k].stopped} after {searches[k].rounds} rounds, mask norm "
+                             f"{float(best_masks[k].sum()):.2f}, cost {searches[k].cost:.3g}, "
+                             f"{'reached' if reached[k] else 'never reached'} the success threshold")
+            bar.update(1)
+            bar.set_postfix(active=len(active))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return ReversedTriggers(best_masks, best_patterns, searches, reached, images)
+
+
+# ---------------------------------------------------------------- outlier detection
+
+def anomaly_indices(norms):
+    """|norm - median| / (1.4826 * MAD) per class; with MAD 0, 0 at the median and infinite elsewhere. The median
+    of an even count is the lower middle value (torch's, as BackdoorBench computes it)."""
+    norms = torch.as_tensor(norms, dtype=torch.float64)
+    median = norms.median()
+    deviation = (norms - median).abs()
+    mad = MAD_CONSISTENCY * deviation.median()
+    if mad == 0:
+        return torch.where(deviation == 0, 0.0, math.inf)
+    return deviation / mad
+
+
+def flagged_classes(norms, threshold):
+    """The classes whose mask norm is below the median with an anomaly index above `threshold`, smallest first."""
+    norms = torch.as_tensor(norms, dtype=torch.float64)
+    indices = anomaly_indices(norms)
+    small = (norms < norms.median()) & (indices > threshold)
+    return sorted(small.nonzero().flatten().tolist(), key=lambda k: float(norms[k]))
+
+
+# ---------------------------------------------------------------- unlearning
+
+def stamp_pixels(images, mask, pattern):
+    """uint8 NHWC images with one trigger (mask (1, H, W), pattern (C, H, W) in [0, 1]) -> uint8 NHWC numpy."""
+    pixels = images.permute(0, 3, 1, 2).float()
+    return to_uint8_images(((1 - mask) * pixels + mask * pattern * 255.0).cpu())
+
+
+def unlearning_set(data, triggers, flagged, ratio, generator):
+    """The clean subset with a random `ratio` of its images stamped with the flagged classes' reversed triggers
+    (in turn), every image keeping its true label."""
+    images = data.images.cpu().numpy().copy()
+    count = max(1, round(len(data) * ratio))
+    chosen = torch.randperm(len(data), generator=generator)[:count]
+    for turn, target in enumerate(flagged):
+        share = chosen[turn::len(flagged)]
+        images[share.numpy()] = stamp_pixels(data.images[share.to(data.device)], triggers.masks[target],
+                                             triggers.patterns[target])
+    return DeviceImages(images, data.labels.cpu().numpy(), data.device, data.mean.flatten().tolist(),
+                        data.std.flatten().tolist()), count
+
+
+def unlearn(run, model, data):
+    """Fine-tune on the stamped set (the frame's training loop, one CSV row per epoch)."""
+    recipe = TrainingRecipe.from_options({**vars(run.args), "progress": False})
+    rows = []
+
+    def record_epoch(epoch, history_row):
+        stats = EpochStats(history_row["loss"], history_row["train_acc"], history_row["batches"],
+                           history_row["samples"], history_row["seconds"])
+        rows.append(run.epoch_row(epoch, stats, model))
+
+    history = train_classifier(model, data, recipe, run.setup.augmentation, run.generator, log=run.logger,
+                               after_epoch=record_epoch)
+    run.count_images("unlearn", sum(row["samples"] for row in history))
+    run.add_epoch_table("nc_df", rows)
+    return model
+
+
+# ---------------------------------------------------------------- outputs
+
+def class_table(triggers, indices, flagged):
+    return [{"class": k, "mask_norm": float(norm), "anomaly_index": float(index), "flagged": k in flagged,
+             "reached_threshold": triggers.reached[k], "rounds": search.rounds, "stopped": search.stopped,
+             "final_cost": search.cost}
+            for k, (norm, index, search) in enumerate(zip(triggers.norms, indices, triggers.searches))]
+
+
+def save_trigger_grid(triggers, flagged, path, columns=10):
+    """A PNG of every class's mask (grey) above its trigger (mask * pattern), titled with its norm."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    count = len(triggers.masks)
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    figure, axes = plt.subplots(2 * rows, columns, figsize=(1.3 * columns, 2.8 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for k in range(count):
+        mask, pattern = triggers.masks[k].float().cpu().numpy(), triggers.patterns[k].float().cpu().numpy()
+        top, bottom = axes[2 * (k // columns), k % columns], axes[2 * (k // columns) + 1, k % columns]
+        top.imshow(mask[0], cmap="gray", vmin=0, vmax=1)
+        top.set_title(f"{k}: {float(mask.sum()):.1f}" + (" *" if k in flagged else ""), fontsize=7,
+                      color="red" if k in flagged else "black")
+        trigger = (mask * pattern).transpose(1, 2, 0)
+        grey = trigger.shape[-1] == 1
+        bottom.imshow(trigger[..., 0] if grey else trigger, cmap="gray" if grey else None, vmin=0, vmax=1)
+    figure.suptitle("reversed masks (top) and triggers (bottom); class: L1 norm, * flagged", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------- the defense
+
+def defend(run):
+    setup, args = run.setup, run.args
+    model, data, num_classes = setup.model, setup.clean_subset, setup.record.num_classes
+    with run.phase("reverse_engineer"):
+        started = time.perf_counter()
+        triggers = reverse_engineer(model, data, num_classes, args, run.generator, run.logger, args.amp)
+        seconds = time.perf_counter() - started
+    run.count_images("reverse_engineer", triggers.images)
+    norms = triggers.norms.tolist()
+    indices = anomaly_indices(norms).tolist()
+    flagged = flagged_classes(norms, args.anomaly_threshold)
+    write_table(class_table(triggers, indices, flagged), run.path / "nc_classes.csv")
+    save_trigger_grid(triggers, flagged, run.path / "reversed_triggers.png")
+    torch.save({"masks": triggers.masks.cpu(), "patterns": triggers.patterns.cpu()}, run.path / "reversed_triggers.pt")
+    run.logger.info(f"reverse engineering: {seconds:.1f} s, {triggers.images} stamped images; mask norms "
+                    + ", ".join(f"{k}: {norm:.2f} (index {index:.2f})" for k, (norm, index)
+                                in enumerate(zip(norms, indices))))
+    run.summary.update(mask_norms=norms, anomaly_indices=indices, flagged_classes=flagged,
+                       reverse_engineering_seconds=seconds, model_changed=bool(flagged))
+    if not flagged:
+        run.logger.info(f"no class has an anomaly index above {args.anomaly_threshold} below the median: "
+                        "the model is returned unchanged")
+        run.summary["outcome"] = "no class flagged: model unchanged"
+        return model
+    run.logger.info(f"flagged classes {flagged}: unlearning their reversed triggers")
+    with run.phase("unlearn"):
+        stamped, count = unlearning_set(data, triggers, flagged, args.unlearning_ratio, run.generator)
+        run.summary.update(outcome=f"flagged {flagged}: unlearned", unlearning_images_stamped=count)
+        return unlearn(run, model, stamped)
+
+
+def main(argv=None):
+    return run_defense(build_parser(), argv, DEFENSE, "NC", defend, check_args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
