@@ -37,7 +37,7 @@ from utils.leaderboard import read_leaderboard  # noqa: E402
 from utils.slurm import add_executor_options, slurm_settings  # noqa: E402
 
 ATTACKS = ["badnet", "blended", "sig", "wanet", "bpp", "inputaware"]
-DEFENSES = ["none", "ft", "ulrl", "tsbd", "rnp", "anp", "fst", "clp"]
+DEFENSES = ["none", "ft", "ulrl", "tsbd", "rnp", "anp", "fst", "clp", "fp", "nad", "nc", "ibau", "sau"]
 SCALES = {  # scale -> the prototype YAML (training recipe) of its attacks, and the label its tables carry
     "proxy": ("config/attack/prototype/cifar10_proxy.yaml", "proxy (PreAct-ResNet18 at 1/4 width, 5-epoch CPU recipe)"),
     "cpu": ("config/attack/prototype/cifar10_cpu.yaml", "cpu, a small network (airbench_cpu, 18-epoch CPU recipe)"),
