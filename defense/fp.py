@@ -1,0 +1,309 @@
+"""FP: Fine-Pruning.
+
+Liu, Dolan-Gavitt, Garg. "Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural Networks", RAID 2018.
+Backdoor behaviour hides in channels of the last convolutional block that clean inputs leave dormant: record each
+channel's mean activation on clean data, prune the channels in increasing order of activation while the clean
+accuracy stays close to the unpruned model's, then fine-tune the pruned model on the clean data.
+
+- The channels are those of the feature map entering the global pooling layer (PreAct-ResNet18: layer4's output).
+  A channel is pruned by zeroing its column in the first Linear layer that reads the pooled features: the same
+  function as zeroing the channel (checked on a clean batch before any work), stored in the saved weights, and kept
+  at zero while fine-tuning.
+- The amount (a share of the channels, in --pruning_step steps) is chosen on a held-out part of the clean subset
+  (utils/pruning.py's rule). BackdoorBench chooses it with the test set's accuracy, an oracle; here that is only the
+  labelled analysis --sweep.
+
+    python defense/fp.py --result_file badnet_0_1 --yaml_path config/defense/fp/cifar10.yaml --dataset cifar10
+"""
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python defense/fp.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn as nn
+
+from utils.config import none_or_str, str2bool
+from utils.defense_run import run_defense
+from utils.defense_setup import defense_parser
+from utils.errors import UserError, run_cli
+from utils.pruning import candidate_amounts, largest_within_tolerance, split_for_rule
+from utils.reporting import write_table
+from utils.training import EpochStats, TrainingRecipe, accuracy, train_classifier
+
+DEFENSE = "fp"
+GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def build_parser():
+    parser = defense_parser("FP: prune the last conv block's channels least active on clean data, then fine-tune.")
+    add = parser.add_argument
+    add("--pool_name", type=none_or_str,
+        help="qualified name of the global pooling layer whose input channels are scored and pruned "
+             "(none: the last AdaptiveAvgPool2d/AdaptiveMaxPool2d with a 1x1 output)")
+    add("--acc_tolerance", type=float,
+        help="keep the largest share before the first one whose accuracy on the held-out part of the clean "
+             "subset drops by more than this (absolute) below the unpruned model's")
+    add("--holdout_ratio", type=float,
+        help="share of the clean subset held out to judge the pruning (activations come from the rest)")
+    add("--pruning_step", type=float, help="step of the pruned share of channels (0.01: 1%% more per step)")
+    add("--pruning_max", type=float, help="largest share of channels tried")
+    add("--sweep", type=str2bool,
+        help="ANALYSIS ONLY, READS THE TEST SETS: write pruning_sweep.csv with test ACC/ASR/RA of the pruned model "
+             "(before fine-tuning) at every share of the grid (BackdoorBench picks its amount this way); never "
+             "used to choose the saved model")
+    add("--epochs", type=int, help="fine-tuning epochs after pruning")
+    add("--lr", type=float, help="fine-tuning SGD learning rate")
+    add("--sgd_momentum", type=float, help="fine-tuning SGD momentum")
+    add("--wd", type=float, help="fine-tuning weight decay")
+    add("--lr_scheduler", type=str, choices=["CosineAnnealingLR", "none"], help="stepped once per epoch")
+    return parser
+
+
+def check_args(args):
+    if args.epochs < 0:
+        raise UserError("--epochs must be >= 0")
+    if args.acc_tolerance < 0:
+        raise UserError("--acc_tolerance must be >= 0 (an absolute accuracy drop)")
+    if not 0 < args.holdout_ratio < 1:
+        raise UserError(f"--holdout_ratio must be in (0, 1), got {args.holdout_ratio}")
+    if not 0 < args.pruning_step <= args.pruning_max < 1:
+        raise UserError(f"--pruning_step and --pruning_max must satisfy 0 < step <= max < 1, got "
+                        f"{args.pruning_step} and {args.pruning_max}")
+
+
+@dataclass
+class PrunableChannels:
+    """Where FP prunes: the channels entering `pool`, removed as columns of `linear`."""
+    pool_name: str
+    pool: nn.Module
+    linear_name: str
+    linear: nn.Linear
+    channels: int
+
+
+def global_pool(model, name=None):
+    """(name, module) of the pooling layer: `name`, or the last global pooling with a 1x1 output."""
+    modules = dict(model.named_modules())
+    if name:
+        if name not in modules:
+            raise UserError(f"FP: no module named {name!r} in this model ({type(model).__name__}); --pool_name takes "
+                            "the qualified name of its global pooling layer")
+        return name, modules[name]
+    pools = [(key, module) for key, module in modules.items() if isinstance(module, GLOBAL_POOLS)
+             and module.output_size in (1, (1, 1))]
+    if not pools:
+        raise UserError(f"FP prunes the channels entering a global pooling layer, but this model "
+                        f"({type(model).__name__}) has no AdaptiveAvgPool2d/AdaptiveMaxPool2d with a 1x1 output; "
+                        "name one with --pool_name")
+    return pools[-1]
+
+
+@torch.no_grad()
+def find_prunable_channels(model, x, pool_name=None):
+    """The pooling layer, its channel count and the first Linear called after it that reads that many features,
+    found by one eval-mode forward pass of the batch `x`; one UserError if FP cannot prune this model."""
+    name, pool = global_pool(model, pool_name)
+    seen = {"channels": None, "linear": None}
+
+    def at_pool(_module, inputs):
+        if seen["channels"] is None and torch.is_tensor(inputs[0]) and inputs[0].dim() == 4:
+            seen["channels"] = inputs[0].shape[1]
+
+    def at_linear(linear_name):
+        def hook(module, _inputs, _output):
+            if seen["linear"] is None and seen["channels"] == module.in_features:
+                seen["linear"] = linear_name
+        return hook
+
+    modules = dict(model.named_modules())
+    handles = [pool.register_forward_pre_hook(at_pool)]
+    handles += [module.register_forward_hook(at_linear(key)) for key, module in modules.items()
+                if isinstance(module, nn.Linear)]
+    was_training = model.training
+    try:
+        model.eval()
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if seen["channels"] is None:
+        raise UserError(f"FP: {name} does not receive a feature map (N, C, H, W) in this model: nothing to prune")
+    if seen["linear"] is None:
+        raise UserError(f"FP: no Linear layer reads the {seen['channels']} pooled channels of {name} in this model: "
+                        "cannot prune them")
+    target = PrunableChannels(name, pool, seen["linear"], modules[seen["linear"]], seen["channels"])
+    check_columns_remove_channels(model, target, x)
+    return target
+
+
+@torch.no_grad()
+def check_columns_remove_channels(model, target, x):
+    """Zeroing Linear columns must equal zeroing the channels before the pooling (true when only flatten, dropout or
+    other per-feature reshaping lies between them); checked on `x` with every other channel removed."""
+    removed = torch.arange(target.channels, device=x.device) % 2 == 0
+    keep = (~removed).float().view(1, -1, 1, 1)
+    was_training = model.training
+    model.eval()
+    handle = target.pool.register_forward_pre_hook(lambda _m, inputs: (inputs[0] * keep.to(inputs[0].dtype),))
+    try:
+        by_channels = model(x).float()
+    finally:
+        handle.remove()
+    original = target.linear.weight.detach().clone()
+    target.linear.weight[:, removed] = 0
+    by_columns = model(x).float()
+    target.linear.weight.copy_(original)
+    model.train(was_training)
+    scale = float(by_channels.abs().max()) + 1e-6
+    if not torch.allclose(by_columns, by_channels, rtol=1e-3, atol=1e-4 * scale):
+        raise UserError(f"FP: zeroing columns of {target.linear_name} does not remove the channels entering "
+                        f"{target.pool_name} in this model (a layer between them mixes channels): cannot prune it")
+
+
+@torch.inference_mode()
+def mean_channel_activation(model, pool, data, batch_size):
+    """Each channel's activation entering `pool`, averaged over the images and positions of `data` (eval mode)."""
+    total, count = None, 0
+
+    def record(_module, inputs):
+        nonlocal total
+        sums = inputs[0].float().mean(dim=(2, 3)).sum(dim=0)
+        total = sums if total is None else total + sums
+
+    was_training = model.training
+    model.eval()
+    handle = pool.register_forward_pre_hook(record)
+    try:
+        for x, _ in data.batches(batch_size):
+            model(x)
+            count += len(x)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return (total / count).cpu()
+
+
+def channels_at(share, total):
+    """How many channels a pruned share means (rounded down)."""
+    return int(share * total + 1e-9)
+
+
+@torch.no_grad()
+def zero_columns(linear, original, channels):
+    """The Linear's original weight with the columns of `channels` zeroed."""
+    linear.weight.copy_(original)
+    linear.weight[:, channels] = 0
+
+
+def choose_amount(run, model, target, order, holdout):
+    """Prune ever more of the least-active channels (nested sets, the shares of the --pruning_step grid) and stop at
+    the first share whose held-out accuracy falls outside --acc_tolerance of the unpruned model's; the largest share
+    before it is kept. With --sweep the grid goes on to --pruning_max with the TEST sets (analysis only).
+    Returns (share, number of channels, the rule's rows); the model comes back unpruned."""
+    args, linear = run.args, target.linear
+    original = linear.weight.detach().clone()
+    rows, judging, baseline = [], True, None
+    for share in candidate_amounts("share", args.pruning_max, args.pruning_step):
+        if not (judging or args.sweep):
+            break  # the rule has stopped and no sweep goes on
+        count = channels_at(share, target.channels)
+        if rows and count == rows[-1]["pruned_channels"]:
+            continue  # this share prunes no further channel
+        zero_columns(linear, original, order[:count])
+        row = {"share": share, "pruned_channels": count}
+        if judging:
+            with run.phase("prune"):
+                row["holdout_acc"] = accuracy(model, holdout, args.eval_batch_size)
+            run.count_images("prune", len(holdout))
+            baseline = row["holdout_acc"] if baseline is None else baseline
+            judging = largest_within_tolerance([share], [row["holdout_acc"]], baseline, args.acc_tolerance) is not None
+        if args.sweep:
+            with run.phase("sweep"):
+                row.update(run.evaluate(model))
+            run.count_images("sweep", run.setup.eval_sets.images())
+            run.logger.info(f"sweep (TEST data, analysis only) share {share}: {count} channels pruned, test ACC "
+                            f"{row['test_acc']:.4f}, ASR {row['test_asr']:.4f}, RA {row['test_ra']:.4f}")
+        rows.append(row)
+    zero_columns(linear, original, [])
+    judged = [row for row in rows if "holdout_acc" in row]
+    share = largest_within_tolerance([row["share"] for row in judged], [row["holdout_acc"] for row in judged],
+                                     baseline, args.acc_tolerance)
+    if args.sweep:
+        write_table(rows, run.path / "pruning_sweep.csv")
+        run.logger.info("--sweep: pruning_sweep.csv holds TEST-set metrics per pruned share (an analysis, like "
+                        "BackdoorBench's oracle choice); the saved model was chosen without them")
+    return share, next(row["pruned_channels"] for row in judged if row["share"] == share), judged
+
+
+def finetune(run, model, linear, pruned):
+    """FT's fine-tuning on the whole clean subset; a gradient mask keeps the pruned columns at zero (with zero
+    gradient, SGD's momentum and weight decay leave a zero weight at zero)."""
+    recipe = TrainingRecipe.from_options({**vars(run.args), "progress": False})
+    keep = torch.ones_like(linear.weight)
+    keep[:, pruned] = 0
+    handle = linear.weight.register_hook(lambda grad: grad * keep)
+    rows = []
+
+    def record_epoch(epoch, history_row):
+        stats = EpochStats(history_row["loss"], history_row["train_acc"], history_row["batches"],
+                           history_row["samples"], history_row["seconds"])
+        rows.append(run.epoch_row(epoch, stats, model))
+
+    try:
+        history = train_classifier(model, run.setup.clean_subset, recipe, run.setup.augmentation, run.generator,
+                                   log=run.logger, after_epoch=record_epoch)
+    finally:
+        handle.remove()
+    run.count_images("finetune", sum(row["samples"] for row in history))
+    return rows
+
+
+def defend(run):
+    setup, args = run.setup, run.args
+    model = setup.model
+    first = next(setup.clean_subset.batches(min(len(setup.clean_subset), 32)))[0]
+    target = find_prunable_channels(model, first, args.pool_name)  # a model FP cannot prune fails here
+    data, holdout = split_for_rule(setup.clean_subset, args, run.generator)
+    with run.phase("activation"):
+        activation = mean_channel_activation(model, target.pool, data, args.eval_batch_size)
+    run.count_images("activation", len(data))
+    order = torch.argsort(activation, stable=True).tolist()  # least active first; ties by channel index
+
+    share, count, judged = choose_amount(run, model, target, order, holdout)
+    pruned = sorted(order[:count])
+    zero_columns(target.linear, target.linear.weight.detach().clone(), pruned)
+    run.logger.info(f"clean-subset rule: held-out accuracy {judged[0]['holdout_acc']:.4f} unpruned; largest share "
+                    f"within {args.acc_tolerance} of it: {share} ({count} of {target.channels} channels entering "
+                    f"{target.pool_name}, zeroed in {target.linear_name})")
+    write_table(rows_of_channels(activation, order, pruned), run.path / "channel_activation.csv")
+    write_table(judged, run.path / "pruning_rule.csv")
+    run.summary.update(pruning={
+        "rule": "acc_tolerance", "acc_tolerance": args.acc_tolerance, "holdout_samples": len(holdout),
+        "activation_samples": len(data), "pool": target.pool_name, "linear": target.linear_name,
+        "pruning_amount": share, "pruned_channels": count, "total_channels": target.channels,
+        "holdout_acc_unpruned": judged[0]["holdout_acc"],
+        "holdout_acc_chosen": next(row["holdout_acc"] for row in judged if row["share"] == share),
+        "pruned_channel_indices": pruned})
+
+    with run.phase("finetune"):
+        run.add_epoch_table("fp_df", finetune(run, model, target.linear, pruned))
+    return model
+
+
+def rows_of_channels(activation, order, pruned):
+    rank = {channel: position for position, channel in enumerate(order)}
+    chosen = set(pruned)
+    return [{"channel": channel, "mean_activation": float(value), "rank": rank[channel], "pruned": channel in chosen}
+            for channel, value in enumerate(activation.tolist())]
+
+
+def main(argv=None):
+    return run_defense(build_parser(), argv, DEFENSE, "FP", defend, check_args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
