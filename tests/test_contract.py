@@ -22,8 +22,13 @@ QUICK = {
     "anp": ["--nb_iter", "4", "--print_every", "2"],
     "clp": [],
     "fst": ["--epochs", "1"],
+    "ibau": ["--n_rounds", "1", "--K", "2"],
+    "fp": ["--epochs", "1"],
     "ft": ["--epochs", "1"],
+    "nad": ["--te_epochs", "1", "--epochs", "1", "--layer_names", "auto"],  # airbench_cpu: no layer2..4
+    "nc": ["--mask_batch_size", "4", "--round_steps", "2", "--mask_rounds", "2", "--epochs", "1"],
     "rnp": ["--unlearning_epochs", "1", "--recovering_epochs", "1"],
+    "sau": ["--n_rounds", "1", "--adv_steps", "2"],
     "tsbd": ["--epochs", "1", "--n", "0.1", "--ft_epoch", "0"],
     "ulrl": ["--unlearning_epochs", "1", "--relearn_epochs", "1"],
 }
