@@ -103,6 +103,10 @@ def test_apply_with_a_full_mask_is_the_pattern_and_cross_takes_another_images():
 
 
 def test_mask_pretraining_makes_the_mask_sparse():
+    # The generators' initial weights come from torch's global RNG, which the script seeds (seed_everything) and a
+    # test run leaves wherever earlier tests left it; four Adam steps halve the mask for 38 of 40 initial seeds
+    # (measured), so the test fixes its own instead of depending on the order tests run in.
+    torch.manual_seed(0)
     options = _options(mask_epochs=1, lambda_div=0.0, batch_size=16)
     attack = inputaware.InputAware(options)
     images = _images(64)
