@@ -302,7 +302,7 @@ def rows_of_channels(activation, order, pruned):
 
 
 def main(argv=None):
-    return run_defense(build_parser(), argv, DEFENSE, "FP", defend, check_args)
+    return run_defense(build_parser(), argv, DEFENSE, defend, check_args)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def defend(run):
 
 
 def main(argv=None):
-    return run_defense(build_parser(), argv, DEFENSE, "RNP", defend, check_args)
+    return run_defense(build_parser(), argv, DEFENSE, defend, check_args)
 
 
 if __name__ == "__main__":

@@ -236,7 +236,7 @@ def defend(run):
 
 
 def main(argv=None):
-    return run_defense(build_parser(), argv, DEFENSE, "ULRL", defend, check_args)
+    return run_defense(build_parser(), argv, DEFENSE, defend, check_args)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python sh/batch.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.batch import available_defenses, defense_job, record_names, run_jobs, write_report  # noqa: E402
+from utils.batch import defense_job, record_names, run_jobs, write_report  # noqa: E402
 from utils.benchmark import collect, write_outputs  # noqa: E402
+from utils.catalog import DEFENSES  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.slurm import add_executor_options, slurm_settings  # noqa: E402
 
@@ -34,7 +35,7 @@ def main(argv=None):
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage="%(prog)s --defenses NAME [NAME ...] [options] [-- defense options]")
-    parser.add_argument("--defenses", nargs="+", required=True, help=f"any of: {', '.join(available_defenses())}")
+    parser.add_argument("--defenses", nargs="+", required=True, help="any of: " + "; ".join(f"{name} ({entry.summary})" for name, entry in DEFENSES.items()))
     parser.add_argument("--records", nargs="+", help="record folder names (default: every record in --record_dir)")
     parser.add_argument("--record_dir", default="record", help="where the record folders are (default: record)")
     parser.add_argument("--dataset", help="passed to every defense (default: each record's own)")

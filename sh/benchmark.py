@@ -30,14 +30,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python sh/benchmark.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.batch import REPO_ROOT, Job, available_defenses, defense_job, run_jobs, write_report  # noqa: E402
+from utils.batch import REPO_ROOT, Job, defense_job, run_jobs, write_report  # noqa: E402
 from utils.benchmark import aggregate, collect_seeds, write_benchmark  # noqa: E402
+from utils.catalog import ATTACKS, DEFENSES  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.leaderboard import read_leaderboard  # noqa: E402
 from utils.slurm import add_executor_options, slurm_settings  # noqa: E402
 
-ATTACKS = ["badnet", "blended", "sig", "wanet", "bpp", "inputaware"]
-DEFENSES = ["none", "ft", "ulrl", "tsbd", "rnp", "anp", "fst", "clp", "fp", "nad", "nc", "ibau", "sau"]
 SCALES = {  # scale -> the prototype YAML (training recipe) of its attacks, and the label its tables carry
     "proxy": ("config/attack/prototype/cifar10_proxy.yaml", "proxy (PreAct-ResNet18 at 1/4 width, 5-epoch CPU recipe)"),
     "cpu": ("config/attack/prototype/cifar10_cpu.yaml", "cpu, a small network (airbench_cpu, 18-epoch CPU recipe)"),
@@ -60,9 +59,7 @@ def record_name(attack, scale, seed):
 
 
 def attack_job(attack, scale, seed, record_dir, log_dir):
-    script = REPO_ROOT / "attack" / f"{attack}.py"
-    if not script.is_file():
-        raise UserError(f"unknown attack {attack!r}: attack/{attack}.py does not exist")
+    script = REPO_ROOT / ATTACKS.lookup(attack).script
     name = record_name(attack, scale, seed)
     command = [sys.executable, str(script), "--yaml_path", SCALES[scale][0], "--bd_yaml_path", attack_yaml(attack, scale),
                "--save_folder_name", name, "--record_dir", str(Path(record_dir).resolve()), "--dataset", DATASET,
@@ -90,9 +87,10 @@ def machine():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=sorted(SCALES), required=True)
-    parser.add_argument("--attacks", nargs="+", default=ATTACKS)
-    parser.add_argument("--defenses", nargs="+", default=DEFENSES,
-                        help="'none' is the backdoored model; defenses without a script yet are left out")
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS), metavar="ATTACK",
+                        help=f"default: all ({', '.join(ATTACKS)})")
+    parser.add_argument("--defenses", nargs="+", default=["none", *DEFENSES], choices=["none", *DEFENSES],
+                        metavar="DEFENSE", help=f"'none' is the backdoored model (default: none {' '.join(DEFENSES)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="attack seeds (default: 0 1 2)")
     parser.add_argument("--leaderboard", help="the leaderboard file to score against (default: "
                         "resource/leaderboard/cifar10.md)")
@@ -105,11 +103,7 @@ def main(argv=None):
     started = time.perf_counter()
     out = Path(args.out or Path(args.record_dir) / "benchmark" / args.scale)
     logs = out / "logs"
-    known = set(available_defenses()) | {"none"}
-    defenses = [name for name in args.defenses if name in known]
-    absent = [name for name in args.defenses if name not in known]
-    if absent:
-        print(f"left out (no defense/<name>.py): {', '.join(absent)}")
+    defenses = args.defenses
 
     leaderboard = read_leaderboard(args.leaderboard)  # a bad file stops here, before hours of training
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import SHARED_RECORDS
 from helpers import load_script, run_defense_on_shared_record
-from test_pruning import Tiny, fake_run, small_data, tiny
+from fakes import Tiny, fake_run, small_data, tiny
 from utils.defense_setup import defense_defaults, parse_defense_args
 from utils.errors import UserError
 from utils.models import build_model, load_weights

@@ -12,15 +12,13 @@ from PIL import Image
 from helpers import load_script, run_script, write_synthetic_cifar10
 from utils.records import load_attack_record, load_record_pickle
 from utils.safe_pickle import safe_torch_load
+from utils.catalog import ATTACKS as REGISTERED_ATTACKS
 from utils.triggers import TRIGGERS, wanet_grid
 
-ATTACKS = {"badnet": ("attack/badnet.py", "config/attack/badnet/default.yaml"),
-           "blended": ("attack/blended.py", "config/attack/blended/default.yaml"),
-           "sig": ("attack/sig.py", "config/attack/sig/default.yaml"),
-           "wanet": ("attack/wanet.py", "config/attack/wanet/default.yaml"),
-           "bpp": ("attack/bpp.py", "config/attack/bpp/default.yaml"),
-           # cpu.yaml: BackdoorBench's values but half an epoch of mask pre-training (25 epochs in default.yaml)
-           "inputaware": ("attack/inputaware.py", "config/attack/inputaware/cpu.yaml")}
+# script and attack YAML of every registered attack; inputaware's cpu.yaml: BackdoorBench's values but half an epoch
+# of mask pre-training (25 epochs in default.yaml)
+ATTACKS = {name: (entry.script, f"{entry.config_folder}/{'cpu' if name == 'inputaware' else 'default'}.yaml")
+           for name, entry in REGISTERED_ATTACKS.items()}
 DYNAMIC = {"wanet", "bpp", "inputaware"}  # poison while training: int data_dict keys, cross_test_dataset/
 FAST = ["--model", "airbench_cpu", "--epochs", "1", "--batch_size", "64", "--progress", "False",
         "--device", "cpu", "--amp", "False"]

@@ -5,6 +5,7 @@ import sys
 import pandas as pd
 import pytest
 
+from fakes import fake_record
 from helpers import run_script
 from utils.batch import Job, defense_job, defense_yaml, record_names, run_jobs
 from utils.benchmark import best_marks, collect, markdown, write_outputs
@@ -56,23 +57,9 @@ def test_defense_job_command_and_yaml(tmp_path):
         defense_job("nonexistent", "r", tmp_path, tmp_path)
 
 
-def _fake_record(root, name, metrics=None, defenses=None):
-    folder = root / name
-    folder.mkdir(parents=True)
-    (folder / "attack_result.pt").write_bytes(b"not a record")
-    if metrics:
-        (folder / "summary.json").write_text(json.dumps({"metrics": metrics, "seconds": 100.0}))
-    for defense, (acc, asr, ra, der, seconds) in (defenses or {}).items():
-        out = folder / "defense" / defense
-        out.mkdir(parents=True)
-        (out / "summary.json").write_text(json.dumps({"after": {"test_acc": acc, "test_asr": asr, "test_ra": ra},
-                                                      "der": der, "seconds": {"total": seconds}}))
-    return folder
-
-
 def test_batch_cli_skips_existing_reports_failures_and_exits_1(tmp_path):
-    _fake_record(tmp_path, "r1", defenses={"ft": (0.9, 0.1, 0.8, 0.9, 10.0)})
-    _fake_record(tmp_path, "r2")
+    fake_record(tmp_path, "r1", defenses={"ft": (0.9, 0.1, 0.8, 0.9, 10.0)})
+    fake_record(tmp_path, "r2")
     assert record_names(tmp_path) == ["r1", "r2"]
     result = run_script("sh/batch.py", "--defenses", "ft", "--record_dir", tmp_path, "--log_dir", tmp_path / "logs",
                         timeout=300)
@@ -88,13 +75,13 @@ def test_batch_cli_skips_existing_reports_failures_and_exits_1(tmp_path):
 
 
 def test_hidden_partial_folders_are_not_records(tmp_path):
-    _fake_record(tmp_path, "r1")
-    _fake_record(tmp_path, ".r2.partial-123")
+    fake_record(tmp_path, "r1")
+    fake_record(tmp_path, ".r2.partial-123")
     assert record_names(tmp_path) == ["r1"]
 
 
 def test_a_run_with_eval_limit_is_shown_but_never_compared(tmp_path):
-    folder = _fake_record(tmp_path, "badnet_cpu", {"test_acc": 0.85, "test_asr": 0.96, "test_ra": 0.03},
+    folder = fake_record(tmp_path, "badnet_cpu", {"test_acc": 0.85, "test_asr": 0.96, "test_ra": 0.03},
                           {"ft": (0.84, 0.10, 0.80, 0.925, 60.0), "ulrl": (0.90, 0.00, 0.90, 0.98, 5.0)})
     summary_path = folder / "defense" / "ulrl" / "summary.json"
     summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), "eval_limit": 500}))
@@ -114,9 +101,9 @@ def test_batch_cli_rejects_a_folder_that_is_not_a_record(tmp_path):
 
 def test_table_marks_the_best_defense_per_attack_and_keeps_missing_cells(tmp_path):
     records = {
-        "badnet": _fake_record(tmp_path, "badnet_cpu", {"test_acc": 0.85, "test_asr": 0.96, "test_ra": 0.03},
+        "badnet": fake_record(tmp_path, "badnet_cpu", {"test_acc": 0.85, "test_asr": 0.96, "test_ra": 0.03},
                                {"ft": (0.84, 0.10, 0.80, 0.925, 60.0), "ulrl": (0.82, 0.02, 0.85, 0.955, 20.0)}),
-        "blended": _fake_record(tmp_path, "blended_cpu", {"test_acc": 0.86, "test_asr": 0.99, "test_ra": 0.01},
+        "blended": fake_record(tmp_path, "blended_cpu", {"test_acc": 0.86, "test_asr": 0.99, "test_ra": 0.01},
                                 {"ft": (0.85, 0.50, 0.40, 0.74, 50.0)}),
     }
     table = collect(records, ["none", "ft", "ulrl"])
@@ -145,12 +132,11 @@ def test_none_row_of_a_backdoorbench_record_comes_from_its_attack_df_summary():
 
 
 def test_benchmark_resumes_from_existing_records_and_results(tmp_path):
-    _fake_record(tmp_path, "badnet_cpu", {"test_acc": 0.85, "test_asr": 0.96, "test_ra": 0.03},
+    fake_record(tmp_path, "badnet_cpu", {"test_acc": 0.85, "test_asr": 0.96, "test_ra": 0.03},
                  {"ft": (0.84, 0.10, 0.80, 0.925, 60.0)})
     result = run_script("sh/benchmark.py", "--scale", "cpu", "--seeds", "0", "--attacks", "badnet", "--defenses",
-                        "none", "ft", "nosuchdefense", "--record_dir", tmp_path, timeout=300)
+                        "none", "ft", "--record_dir", tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "left out (no defense/<name>.py): nosuchdefense" in result.stdout
     assert "ran 0, skipped 2" in result.stdout  # the record and the ft result were reused
     assert "| badnet | ft | 0.840 | 0.100 | 0.800 | 0.925 | 60.0 | 1 |" in result.stdout
     assert "Scale: cpu, a small network" in result.stdout
@@ -161,3 +147,6 @@ def test_benchmark_resumes_from_existing_records_and_results(tmp_path):
     info = json.loads((out / "benchmark.json").read_text())
     assert info["scale"] == "cpu" and info["defenses"] == ["none", "ft"] and "cores" in info["machine"]
     assert info["seeds"] == [0]
+    unknown = run_script("sh/benchmark.py", "--scale", "cpu", "--defenses", "ft", "nosuchdefense", "--record_dir",
+                         tmp_path, timeout=300)  # a typo stops before hours of training, naming the registered ones
+    assert unknown.returncode == 2 and "invalid choice: 'nosuchdefense'" in unknown.stderr and "'ulrl'" in unknown.stderr

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from helpers import load_script
-from utils.batch import available_defenses
+from utils.catalog import DEFENSES as REGISTERED
 from utils.config import read_yaml
 from utils.defense_setup import DEFENSE_CONFIGS, defense_defaults, parse_defense_args
 from utils.errors import run_cli
 from utils.models import build_model, load_weights
 from utils.synthetic import write_synthetic_cifar10, write_tiny_record
 
-DEFENSES = available_defenses()
+DEFENSES = sorted(REGISTERED)
 # options that make each defense's run take seconds on the tiny record (everything else: its YAML defaults)
 QUICK = {
     "anp": ["--nb_iter", "4", "--print_every", "2"],

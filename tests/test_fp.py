@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from helpers import load_script, run_defense_on_shared_record
-from test_pruning import fake_run
+from fakes import fake_run
 from utils.defense_setup import defense_defaults, parse_defense_args
 from utils.errors import UserError
 from utils.tensor_data import DeviceImages

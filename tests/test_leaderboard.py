@@ -4,8 +4,9 @@ import math
 import pandas as pd
 import pytest
 
-from test_batch import _fake_record
+from fakes import fake_record
 from utils.benchmark import aggregate, collect_seeds, write_benchmark
+from utils.catalog import ATTACKS
 from utils.errors import UserError
 from utils.leaderboard import DEFAULT_LEADERBOARD, canonical, read_leaderboard, score, spearman
 
@@ -27,7 +28,7 @@ def test_the_shipped_leaderboard_holds_the_18_cells_and_their_verdicts():
     board = read_leaderboard()
     cells = board.cells[board.cells["defense"] != "none"]
     assert len(cells) == 18 and board.threshold == pytest.approx(0.20)
-    assert set(cells["attack"]) == {"badnet", "blended", "sig", "wanet", "bpp", "inputaware"}
+    assert set(cells["attack"]) == set(ATTACKS)  # the leaderboard names map to our registered attacks
     verdicts = {(row.attack, row.defense): board.verdict(row.asr) for row in cells.itertuples()}
     assert [d for (a, d), v in verdicts.items() if v == "fails"] == ["clp", "ft", "clp", "clp", "clp"]
     assert verdicts["wanet", "ft"] == "removes"  # 17.10%: under the threshold
@@ -75,14 +76,14 @@ def test_seeds_are_aggregated_scored_and_flips_marked(tmp_path):
     board = read_leaderboard(path)
     metrics = {"test_acc": 0.85, "test_asr": 0.96, "test_ra": 0.03}
     records = {
-        0: {"badnet": _fake_record(tmp_path, "badnet_proxy", metrics, {"ft": (0.84, 0.10, 0.8, 0.9, 60.0),
+        0: {"badnet": fake_record(tmp_path, "badnet_proxy", metrics, {"ft": (0.84, 0.10, 0.8, 0.9, 60.0),
                                                                         "clp": (0.85, 0.90, 0.1, 0.5, 5.0),
                                                                         "ulrl": (0.84, 0.0, 0.9, 0.98, 9.0)}),
-            "inputaware": _fake_record(tmp_path, "inputaware_proxy", metrics, {"ft": (0.84, 0.05, 0.8, 0.9, 60.0),
+            "inputaware": fake_record(tmp_path, "inputaware_proxy", metrics, {"ft": (0.84, 0.05, 0.8, 0.9, 60.0),
                                                                                 "clp": (0.85, 0.50, 0.4, 0.7, 5.0)})},
-        1: {"badnet": _fake_record(tmp_path, "badnet_proxy_seed1", metrics, {"ft": (0.82, 0.30, 0.6, 0.8, 70.0),
+        1: {"badnet": fake_record(tmp_path, "badnet_proxy_seed1", metrics, {"ft": (0.82, 0.30, 0.6, 0.8, 70.0),
                                                                               "clp": (0.85, 0.70, 0.2, 0.6, 6.0)}),
-            "inputaware": _fake_record(tmp_path, "inputaware_proxy_seed1", metrics)},
+            "inputaware": fake_record(tmp_path, "inputaware_proxy_seed1", metrics)},
     }
     runs = collect_seeds(records, ["none", "ft", "clp", "ulrl"])
     assert len(runs) == 16 and sorted(runs["seed"].unique()) == [0, 1]

@@ -1,66 +1,19 @@
 """utils/pruning.py, shared by RNP and ANP: BatchNorm layers or a clear error over the whole model registry, channel
 masks by hooks, pruning exactly the chosen channels, which channels and how many (the clean-subset rule)."""
-import logging
 import types
 
 import pytest
 import torch
 import torch.nn as nn
 
+from fakes import tiny
 from utils.errors import UserError
 from utils.models import MODELS, build_model
 from utils.pruning import (BatchNormMasks, batchnorm_layers, candidate_amounts, channels_to_prune,
                            check_pruning_args, largest_within_tolerance, mask_table, prune_channels, split_for_rule)
-from utils.tensor_data import Augmentation, DeviceImages
+from utils.tensor_data import DeviceImages
 
 NO_BATCHNORM = {"vgg11", "vgg16", "vgg19", "vit_b_16", "convnext_tiny"}  # plain VGGs, LayerNorm models
-
-
-class Tiny(nn.Module):
-    """conv -> BN2d -> ReLU -> pool -> linear -> BN1d -> linear: both BatchNorm kinds, and a non-affine one."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 6)
-        self.bn_fc = nn.BatchNorm1d(6)
-        self.plain = nn.BatchNorm1d(6, affine=False)  # nothing to mask or prune
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x):
-        out = torch.relu(self.bn(self.conv(x))).mean((2, 3))
-        return self.head(self.plain(torch.relu(self.bn_fc(self.fc(out)))))
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    model = Tiny()
-    with torch.no_grad():  # BatchNorm away from its identity initialisation
-        for bn in (model.bn, model.bn_fc):
-            bn.weight.uniform_(0.5, 2.0)
-            bn.bias.uniform_(-1.0, 1.0)
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-def small_data(count=24, seed=0):
-    """`count` random 8x8 RGB images with labels 0, 1, 2, 0, ... (the tests of rnp.py and anp.py use them too)."""
-    images = torch.randint(0, 256, (count, 8, 8, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-    return DeviceImages(images.numpy(), [i % 3 for i in range(count)], "cpu", (0.5,) * 3, (0.25,) * 3)
-
-
-def fake_run(defaults, **options):
-    """What a defense's algorithm reads of its DefenseRun, for tiny models on the CPU: options (`defaults` updated
-    by `options`), augmentation, a seeded generator, a logger; images counted per phase in .counted."""
-    counted = {}
-    args = types.SimpleNamespace(**{**defaults, "amp": False, "batch_size": 8, "eval_every": 0, **options})
-    return types.SimpleNamespace(
-        args=args, setup=types.SimpleNamespace(augmentation=Augmentation(crop_padding=1, flip=True)),
-        device=torch.device("cpu"), generator=torch.Generator().manual_seed(0), logger=logging.getLogger("test"),
-        counted=counted, count_images=lambda phase, count: counted.update({phase: counted.get(phase, 0) + count}),
-        epoch_row=lambda epoch, stats, model: {"epoch": epoch, "batch": stats.batches, "train_acc": stats.acc})
 
 
 def test_batchnorm_layers_are_the_affine_ones_in_module_order():

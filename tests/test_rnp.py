@@ -11,7 +11,7 @@ import torch.nn as nn
 import utils.defense_run as defense_run
 from conftest import SHARED_RECORDS
 from helpers import load_script, run_defense_on_shared_record
-from test_pruning import fake_run, small_data, tiny
+from fakes import fake_run, small_data, tiny
 from utils.defense_setup import defense_defaults, parse_defense_args
 from utils.errors import UserError, run_cli
 from utils.models import build_model, load_weights

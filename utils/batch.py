@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from utils.catalog import DEFENSES
 from utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,11 +53,6 @@ class BatchReport:
                    for name, code, log in self.failed])
 
 
-def available_defenses():
-    """Names of the defense scripts in defense/."""
-    return sorted(path.stem for path in (REPO_ROOT / "defense").glob("*.py") if not path.stem.startswith("_"))
-
-
 def defense_yaml(defense, dataset=None):
     """config/defense/<defense>/<dataset>.yaml when it exists, else its config.yaml (None when neither does)."""
     folder = REPO_ROOT / "config" / "defense" / defense
@@ -68,10 +64,9 @@ def defense_yaml(defense, dataset=None):
 
 def defense_job(defense, record, record_dir, log_dir, dataset=None, extra=()):
     """The job that runs `defense` on record_dir/record as a user would type it."""
-    if defense not in available_defenses():
-        raise UserError(f"unknown defense {defense!r}; available: {', '.join(available_defenses())}")
+    script = DEFENSES.lookup(defense).script
     record_dir = Path(record_dir).resolve()  # the run's working directory is the repository root
-    command = [sys.executable, str(REPO_ROOT / "defense" / f"{defense}.py"), "--result_file", record,
+    command = [sys.executable, str(REPO_ROOT / script), "--result_file", record,
                "--record_dir", str(record_dir), "--progress", "False"]
     yaml_path = defense_yaml(defense, dataset)
     if yaml_path:

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from utils.errors import UserError
+from utils.registry import Registry
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -31,20 +32,18 @@ class DatasetInfo:
     how_to_get: str
 
 
-DATASETS = {}
+DATASETS = Registry("dataset")  # name -> DatasetInfo
 
 
 def register_dataset(**info):
     def decorate(reader):
-        DATASETS[info["name"]] = DatasetInfo(reader=reader, **info)
+        DATASETS.add(info["name"], DatasetInfo(reader=reader, **info))
         return reader
     return decorate
 
 
 def dataset_info(name):
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name]
+    return DATASETS.lookup(name)
 
 
 def _unpickle_latin1(path):

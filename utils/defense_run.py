@@ -6,7 +6,7 @@
         return model
 
     def main(argv=None):
-        return run_defense(build_parser(), argv, "ft", "FT", defend)
+        return run_defense(build_parser(), argv, "ft", defend)
 
 run_defense parses the options, prepares the record/data/model (utils.defense_setup), opens
 record/<name>/defense/<defense>/ (built aside, renamed into place when the run succeeds), writes the clean-subset
@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
+from utils.catalog import DEFENSES
 from utils.defense_setup import parse_defense_args, prepare_defense
 from utils.models import cpu_state_dict
 from utils.reporting import (OutputFolder, der, plot_epochs, save_defense_result, setup_logger, summary_line,
@@ -72,9 +73,11 @@ class DefenseRun:
         self.logger.info(f"{label}: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
 
 
-def run_defense(parser, argv, defense, title, algorithm, check_args=None):
-    """Run `algorithm(run) -> defended model` inside the standard frame; returns the exit status 0.
+def run_defense(parser, argv, defense, algorithm, check_args=None):
+    """Run `algorithm(run) -> defended model` inside the standard frame for the registered `defense` (its title, as
+    papers write it, heads the log and the summary line); returns the exit status 0.
     `check_args(args)` validates the defense's own options (raise UserError) before anything is loaded."""
+    title = DEFENSES.lookup(defense).title
     args = parse_defense_args(parser, argv, defense)
     if check_args is not None:
         check_args(args)

@@ -11,14 +11,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.errors import UserError
+from utils.registry import Registry
 
-MODELS = {}
+MODELS = Registry("model")  # name -> constructor(num_classes, img_size)
 
 
 def register_model(name):
     def decorate(constructor):
-        MODELS[name] = constructor
-        return constructor
+        return MODELS.add(name, constructor)
     return decorate
 
 
@@ -178,9 +178,7 @@ for _name in ("vit_b_16",):
 
 
 def build_model(name, num_classes, img_size=(32, 32, 3)):
-    if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}")
-    return MODELS[name](num_classes, tuple(img_size))
+    return MODELS.lookup(name)(num_classes, tuple(img_size))
 
 
 def strip_module_prefix(state_dict):

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.errors import UserError
+from utils.registry import Registry
 
-TRIGGERS = {}
+TRIGGERS = Registry("trigger")  # name -> Trigger
 
 
 @dataclass(frozen=True)
@@ -30,15 +30,13 @@ class Trigger:
 
 def register_trigger(name, clean_label=False, description=""):
     def decorate(apply):
-        TRIGGERS[name] = Trigger(name, apply, clean_label, description)
+        TRIGGERS.add(name, Trigger(name, apply, clean_label, description))
         return apply
     return decorate
 
 
 def trigger(name):
-    if name not in TRIGGERS:
-        raise UserError(f"unknown trigger {name!r}; registered: {', '.join(sorted(TRIGGERS))}")
-    return TRIGGERS[name]
+    return TRIGGERS.lookup(name)
 
 
 def badnet_trigger_image(height, width, channels, size=3):
