@@ -21,7 +21,7 @@ def main(argv=None):
     parser = attack_parser(__doc__.splitlines()[0])
     parser.add_argument("--patch_mask_path", type=str,
                         help="trigger image (pixels that are non-zero replace the image's); default: 3x3 white patch")
-    args = parse_attack_args(parser, argv, {"patch_mask_path": None})
+    args = parse_attack_args(parser, argv, "badnet")
     trigger_image = None
     if args.patch_mask_path:
         try:

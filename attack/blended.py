@@ -18,7 +18,7 @@ def main(argv=None):
     parser = attack_parser(__doc__.splitlines()[0])
     parser.add_argument("--attack_train_blended_alpha", type=float, help="blend weight (BackdoorBench: 0.2)")
     parser.add_argument("--attack_test_blended_alpha", type=float, help="blend weight on bd_test (0.2)")
-    args = parse_attack_args(parser, argv, {"attack_train_blended_alpha": 0.2, "attack_test_blended_alpha": 0.2})
+    args = parse_attack_args(parser, argv, "blended")
     if args.attack_train_blended_alpha != args.attack_test_blended_alpha:
         raise UserError("different train and test blend weights are not supported yet")
     blended = TRIGGERS["blended"]

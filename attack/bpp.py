@@ -70,7 +70,7 @@ def main(argv=None):
     add("--squeeze_num", type=int, help="colour levels per channel (BackdoorBench: 8)")
     add("--dithering", type=str2bool, help="Floyd-Steinberg error diffusion while squeezing (BackdoorBench: False)")
     add("--neg_ratio", type=float, help="share of each batch made negative samples (BackdoorBench: 0.1)")
-    args = parse_attack_args(parser, argv, {"squeeze_num": 8, "dithering": False, "neg_ratio": 0.1})
+    args = parse_attack_args(parser, argv, "bpp")
     if not 2 <= args.squeeze_num <= 256:
         raise UserError(f"--squeeze_num must be in [2, 256], got {args.squeeze_num}")
     if not 0 <= args.neg_ratio <= 1 or args.pratio + args.neg_ratio > 1:

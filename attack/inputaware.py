@@ -35,12 +35,6 @@ from utils.precision import autocast, grad_scaler
 from utils.training import TrainingRecipe, keep_freed_memory, prepare_model
 from utils.triggers import to_uint8
 
-# BackdoorBench's config/attack/inputaware/default.yaml (mask_epochs None: its clean_train_epochs, else 25)
-INPUTAWARE_DEFAULTS = {"mask_epochs": None, "mask_batch_size": None, "lr_G": 0.01, "lr_M": 0.01,
-                       "schedulerG_milestones": [200, 300, 400, 500], "schedulerM_milestones": [10, 20],
-                       "schedulerG_lambda": 0.1, "schedulerM_lambda": 0.1, "lambda_div": 1.0, "lambda_norm": 100.0,
-                       "mask_density": 0.032, "EPSILON": 1e-7}
-BACKDOORBENCH_MASK_EPOCHS = 25
 GENERATORS_FILE = "netCGM.pt"  # BackdoorBench's name for its netC / netG / netM checkpoint
 
 
@@ -246,7 +240,7 @@ class InputAware(DynamicAttack):
 def check_options(args):
     """Bad values end with one clear message, before any data is read."""
     if args.mask_epochs is None:  # BackdoorBench's YAML names it clean_train_epochs
-        args.mask_epochs = getattr(args, "clean_train_epochs", None) or BACKDOORBENCH_MASK_EPOCHS
+        args.mask_epochs = args.clean_train_epochs
     args.mask_epochs = float(args.mask_epochs)
     checks = [(args.mask_epochs >= 0, "--mask_epochs must be >= 0"),
               (args.mask_batch_size is None or args.mask_batch_size >= 1, "--mask_batch_size must be >= 1"),
@@ -269,21 +263,23 @@ def check_options(args):
 def parse_args(argv=None):
     parser = attack_parser(__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--mask_epochs", "--clean_train_epochs", dest="mask_epochs", type=float,
-        help="mask generator pre-training epochs (BackdoorBench 25; a fraction trains on that share of one epoch)")
+    add("--mask_epochs", type=float,
+        help="mask generator pre-training epochs (a fraction trains on that share of one epoch); none: "
+             "--clean_train_epochs")
+    add("--clean_train_epochs", type=float, help="BackdoorBench's name for the mask pre-training epochs")
     add("--mask_batch_size", type=int,
         help="batch size of the mask pre-training (default --batch_size): the mask converges in optimizer steps")
-    add("--lr_G", type=float, help="pattern generator Adam learning rate (0.01)")
-    add("--lr_M", type=float, help="mask generator Adam learning rate (0.01)")
-    add("--schedulerG_milestones", type=int, nargs="+", help="epochs where lr_G drops (200 300 400 500)")
-    add("--schedulerM_milestones", type=int, nargs="+", help="mask epochs where lr_M drops (10 20)")
-    add("--schedulerG_lambda", type=float, help="lr_G factor at each milestone (0.1)")
-    add("--schedulerM_lambda", type=float, help="lr_M factor at each milestone (0.1)")
-    add("--lambda_div", type=float, help="weight of the diversity losses (1)")
-    add("--lambda_norm", type=float, help="weight of the mask sparsity loss (100)")
-    add("--mask_density", type=float, help="mask share left unpenalised (0.032)")
-    add("--EPSILON", type=float, help="diversity loss denominator guard (1e-7)")
-    return check_options(parse_attack_args(parser, argv, INPUTAWARE_DEFAULTS))
+    add("--lr_G", type=float, help="pattern generator Adam learning rate")
+    add("--lr_M", type=float, help="mask generator Adam learning rate")
+    add("--schedulerG_milestones", type=int, nargs="+", help="epochs where lr_G drops")
+    add("--schedulerM_milestones", type=int, nargs="+", help="mask epochs where lr_M drops")
+    add("--schedulerG_lambda", type=float, help="lr_G factor at each milestone")
+    add("--schedulerM_lambda", type=float, help="lr_M factor at each milestone")
+    add("--lambda_div", type=float, help="weight of the diversity losses")
+    add("--lambda_norm", type=float, help="weight of the mask sparsity loss")
+    add("--mask_density", type=float, help="mask share left unpenalised")
+    add("--EPSILON", type=float, help="diversity loss denominator guard")
+    return check_options(parse_attack_args(parser, argv, "inputaware"))
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ from utils.errors import run_cli
 
 
 def main(argv=None):
-    args = parse_attack_args(attack_parser(__doc__.splitlines()[0]), argv, {})
+    args = parse_attack_args(attack_parser(__doc__.splitlines()[0]), argv, "prototype")
     return run_attack(args, attack_name="prototype")
 
 

@@ -18,7 +18,7 @@ def main(argv=None):
     parser = attack_parser(__doc__.splitlines()[0])
     parser.add_argument("--sig_delta", type=float, help="amplitude (BackdoorBench: 40)")
     parser.add_argument("--sig_f", type=float, help="frequency (BackdoorBench: 6)")
-    args = parse_attack_args(parser, argv, {"sig_delta": 40.0, "sig_f": 6.0})
+    args = parse_attack_args(parser, argv, "sig")
     sig = TRIGGERS["sig"]
     return run_attack(args, lambda images: sig.apply(images, delta=args.sig_delta, frequency=args.sig_f),
                       clean_label=True, attack_name="sig")

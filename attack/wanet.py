@@ -70,7 +70,7 @@ def main(argv=None):
     add("--s", type=float, help="warping strength (0.5)")
     add("--grid_rescale", type=float, help="scale of the warped grid (1)")
     add("--cross_ratio", type=float, help="noise-mode samples per poisoned sample (2); 0: no noise mode")
-    args = parse_attack_args(parser, argv, {"k": 4, "s": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0})
+    args = parse_attack_args(parser, argv, "wanet")
     if args.k < 1:
         raise UserError("--k must be at least 1")
     if args.s < 0 or args.grid_rescale <= 0 or args.cross_ratio < 0:

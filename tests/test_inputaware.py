@@ -17,7 +17,8 @@ QUIET = logging.getLogger("test_inputaware")
 
 
 def _options(**changes):
-    values = {**inputaware.INPUTAWARE_DEFAULTS, "dataset": "cifar10", "eval_batch_size": 32, "random_seed": 0,
+    defaults = vars(inputaware.parse_args(["--save_folder_name", "unused"]))  # every default, from the YAML files
+    values = {**defaults, "dataset": "cifar10", "eval_batch_size": 32, "random_seed": 0,
               "pratio": 0.1, "attack_target": 0, "attack_label_trans": "all2one", "amp": False, "epochs": 1,
               "batch_size": 32, "lr": 0.05, "lr_scheduler": "none", "mask_epochs": 1.0, "crop_padding": 4}
     values.update(changes)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from utils.attack_record import PoisonedSamples, new_record_folder, write_attack_record
-from utils.config import parse_config, show_defaults, str2bool
+from utils.config import REPO_ROOT, parse_config, read_defaults, show_defaults, str2bool
 from utils.datasets import CleanSplit, dataset_info
 from utils.errors import UserError
 from utils.models import build_model, cpu_state_dict
@@ -29,11 +29,7 @@ ATTACK_COLUMNS = ["epoch", "batch", "train_epoch_loss_avg_over_batch", "train_ac
                   "train_asr_bd_only", "train_ra_bd_only", "clean_test_loss_avg_over_batch",
                   "bd_test_loss_avg_over_batch", "test_acc", "test_asr", "test_ra"]
 
-DEFAULTS = {"dataset": "cifar10", "dataset_path": "data", "record_dir": "record", "model": "preactresnet18",
-            "epochs": 100, "batch_size": 128, "lr": 0.01, "lr_scheduler": "CosineAnnealingLR", "sgd_momentum": 0.9,
-            "wd": 0.0005, "nesterov": False, "label_smoothing": 0.0, "warmup_epochs": 0, "amp": "auto",
-            "crop_padding": 4, "random_seed": 0, "pratio": 0.1, "attack_target": 0, "attack_label_trans": "all2one",
-            "device": None, "eval_batch_size": 256, "progress": True, "download": False}
+ATTACK_CONFIGS = REPO_ROOT / "config" / "attack"
 
 
 def attack_parser(description):
@@ -71,9 +67,18 @@ def attack_parser(description):
     return parser
 
 
-def parse_attack_args(parser, argv, attack_defaults):
-    show_defaults(parser, {**DEFAULTS, **attack_defaults})  # before the YAML files, which override them
-    args = parse_config(parser, argv, {**DEFAULTS, **attack_defaults}, yaml_options=("yaml_path", "bd_yaml_path"))
+def attack_defaults(parser, attack):
+    """Every default of `attack`, from YAML only: config/attack/common.yaml, then config/attack/<attack>/default.yaml
+    when the attack has one (the clean prototype has none); each value converted with its option's type."""
+    own = ATTACK_CONFIGS / attack / "default.yaml"
+    return read_defaults(parser, [ATTACK_CONFIGS / "common.yaml"] + ([own] if own.is_file() else []))
+
+
+def parse_attack_args(parser, argv, attack):
+    """The options of a run of `attack`: command line > --bd_yaml_path > --yaml_path > its default.yaml > common."""
+    defaults = attack_defaults(parser, attack)
+    show_defaults(parser, defaults)  # --help tells what a run would use
+    args = parse_config(parser, argv, defaults, yaml_options=("yaml_path", "bd_yaml_path"))
     if not args.save_folder_name:
         raise UserError("--save_folder_name is required (the record folder name under record/)")
     if Path(args.save_folder_name).name != args.save_folder_name:
