@@ -31,6 +31,7 @@ from utils.config import str2bool
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
+from utils.model_graph import module_order_pairs, traced_pairs
 from utils.pruning import prune_channels
 from utils.reporting import write_table
 from utils.training import accuracy
@@ -38,10 +39,6 @@ from utils.training import accuracy
 DEFENSE = "clp"
 
 
-# Modules that act on each channel separately and keep the channel count: a BatchNorm after them still normalises
-# the conv's channels.
-CHANNELWISE = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Dropout,
-               nn.Dropout2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish)
 
 
 def build_parser():
@@ -84,67 +81,6 @@ def conv_bn_pairs(model, img_size, pairing="traced"):
 
 def scorable(conv, bn):
     return conv.out_channels == bn.num_features and bn.weight is not None and bn.running_var is not None
-
-
-def module_order_pairs(model):
-    """Each BatchNorm2d with the last Conv2d before it in named_modules order (the authors' and BackdoorBench's)."""
-    pairs, last_conv = [], None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            last_conv = name
-        elif isinstance(module, nn.BatchNorm2d) and last_conv is not None:
-            pairs.append((last_conv, name))
-    return pairs
-
-
-def traced_pairs(model, img_size):
-    """Conv -> BatchNorm2d pairs by data flow: forward one blank image (eval mode, running statistics untouched)
-    and pair a BatchNorm2d with the conv whose output tensor reaches it, directly or through CHANNELWISE modules."""
-    source = {}  # id(tensor) -> name of the conv that produced it
-    alive = []  # keep every tracked tensor referenced so that no id is reused during the pass
-    found = {}  # BatchNorm name -> set of conv names seen feeding it
-
-    def conv_output(name):
-        def hook(_module, _inputs, output):
-            source[id(output)] = name
-            alive.append(output)
-        return hook
-
-    def passed_through(_module, inputs, output):
-        conv = source.get(id(inputs[0])) if inputs and torch.is_tensor(inputs[0]) else None
-        if conv is not None and torch.is_tensor(output) and output.shape[1] == inputs[0].shape[1]:
-            source[id(output)] = conv
-            alive.append(output)
-
-    def bn_input(name):
-        def hook(_module, inputs):
-            found.setdefault(name, set()).add(source.get(id(inputs[0])))
-        return hook
-
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            handles.append(module.register_forward_hook(conv_output(name)))
-        elif isinstance(module, nn.BatchNorm2d):
-            handles.append(module.register_forward_pre_hook(bn_input(name)))
-        elif isinstance(module, CHANNELWISE):
-            handles.append(module.register_forward_hook(passed_through))
-    parameter = next(model.parameters())
-    height, width, channels = img_size
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, channels, height, width, dtype=parameter.dtype, device=parameter.device))
-    except RuntimeError as err:
-        raise UserError(f"CLP could not trace this model with one {height}x{width} image ({err}); "
-                        "--pairing module_order pairs by module order instead") from None
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    # a BatchNorm reached once, from one conv (one that is also fed by a sum or by two convs is left out)
-    return [(next(iter(convs)), bn) for bn, convs in found.items() if len(convs) == 1 and None not in convs]
 
 
 def channel_lipschitz_bounds(conv, bn):

@@ -16,25 +16,23 @@ accuracy stays close to the unpruned model's, then fine-tune the pruned model on
     python defense/fp.py --result_file badnet_0_1 --yaml_path config/defense/fp/cifar10.yaml --dataset cifar10
 """
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python defense/fp.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.nn as nn
 
 from utils.config import none_or_str, str2bool
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
+from utils.model_graph import find_prunable_channels, mean_channel_activation
 from utils.pruning import candidate_amounts, largest_within_tolerance, split_for_rule
 from utils.reporting import write_table
 from utils.training import EpochStats, TrainingRecipe, accuracy, train_classifier
 
 DEFENSE = "fp"
-GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
 def build_parser():
@@ -72,119 +70,6 @@ def check_args(args):
     if not 0 < args.pruning_step <= args.pruning_max < 1:
         raise UserError(f"--pruning_step and --pruning_max must satisfy 0 < step <= max < 1, got "
                         f"{args.pruning_step} and {args.pruning_max}")
-
-
-@dataclass
-class PrunableChannels:
-    """Where FP prunes: the channels entering `pool`, removed as columns of `linear`."""
-    pool_name: str
-    pool: nn.Module
-    linear_name: str
-    linear: nn.Linear
-    channels: int
-
-
-def global_pool(model, name=None):
-    """(name, module) of the pooling layer: `name`, or the last global pooling with a 1x1 output."""
-    modules = dict(model.named_modules())
-    if name:
-        if name not in modules:
-            raise UserError(f"FP: no module named {name!r} in this model ({type(model).__name__}); --pool_name takes "
-                            "the qualified name of its global pooling layer")
-        return name, modules[name]
-    pools = [(key, module) for key, module in modules.items() if isinstance(module, GLOBAL_POOLS)
-             and module.output_size in (1, (1, 1))]
-    if not pools:
-        raise UserError(f"FP prunes the channels entering a global pooling layer, but this model "
-                        f"({type(model).__name__}) has no AdaptiveAvgPool2d/AdaptiveMaxPool2d with a 1x1 output; "
-                        "name one with --pool_name")
-    return pools[-1]
-
-
-@torch.no_grad()
-def find_prunable_channels(model, x, pool_name=None):
-    """The pooling layer, its channel count and the first Linear called after it that reads that many features,
-    found by one eval-mode forward pass of the batch `x`; one UserError if FP cannot prune this model."""
-    name, pool = global_pool(model, pool_name)
-    seen = {"channels": None, "linear": None}
-
-    def at_pool(_module, inputs):
-        if seen["channels"] is None and torch.is_tensor(inputs[0]) and inputs[0].dim() == 4:
-            seen["channels"] = inputs[0].shape[1]
-
-    def at_linear(linear_name):
-        def hook(module, _inputs, _output):
-            if seen["linear"] is None and seen["channels"] == module.in_features:
-                seen["linear"] = linear_name
-        return hook
-
-    modules = dict(model.named_modules())
-    handles = [pool.register_forward_pre_hook(at_pool)]
-    handles += [module.register_forward_hook(at_linear(key)) for key, module in modules.items()
-                if isinstance(module, nn.Linear)]
-    was_training = model.training
-    try:
-        model.eval()
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if seen["channels"] is None:
-        raise UserError(f"FP: {name} does not receive a feature map (N, C, H, W) in this model: nothing to prune")
-    if seen["linear"] is None:
-        raise UserError(f"FP: no Linear layer reads the {seen['channels']} pooled channels of {name} in this model: "
-                        "cannot prune them")
-    target = PrunableChannels(name, pool, seen["linear"], modules[seen["linear"]], seen["channels"])
-    check_columns_remove_channels(model, target, x)
-    return target
-
-
-@torch.no_grad()
-def check_columns_remove_channels(model, target, x):
-    """Zeroing Linear columns must equal zeroing the channels before the pooling (true when only flatten, dropout or
-    other per-feature reshaping lies between them); checked on `x` with every other channel removed."""
-    removed = torch.arange(target.channels, device=x.device) % 2 == 0
-    keep = (~removed).float().view(1, -1, 1, 1)
-    was_training = model.training
-    model.eval()
-    handle = target.pool.register_forward_pre_hook(lambda _m, inputs: (inputs[0] * keep.to(inputs[0].dtype),))
-    try:
-        by_channels = model(x).float()
-    finally:
-        handle.remove()
-    original = target.linear.weight.detach().clone()
-    target.linear.weight[:, removed] = 0
-    by_columns = model(x).float()
-    target.linear.weight.copy_(original)
-    model.train(was_training)
-    scale = float(by_channels.abs().max()) + 1e-6
-    if not torch.allclose(by_columns, by_channels, rtol=1e-3, atol=1e-4 * scale):
-        raise UserError(f"FP: zeroing columns of {target.linear_name} does not remove the channels entering "
-                        f"{target.pool_name} in this model (a layer between them mixes channels): cannot prune it")
-
-
-@torch.inference_mode()
-def mean_channel_activation(model, pool, data, batch_size):
-    """Each channel's activation entering `pool`, averaged over the images and positions of `data` (eval mode)."""
-    total, count = None, 0
-
-    def record(_module, inputs):
-        nonlocal total
-        sums = inputs[0].float().mean(dim=(2, 3)).sum(dim=0)
-        total = sums if total is None else total + sums
-
-    was_training = model.training
-    model.eval()
-    handle = pool.register_forward_pre_hook(record)
-    try:
-        for x, _ in data.batches(batch_size):
-            model(x)
-            count += len(x)
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return (total / count).cpu()
 
 
 def channels_at(share, total):

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
+from utils.outliers import anomaly_index
 from utils.precision import autocast
 from utils.reporting import write_table
 from utils.tensor_data import DeviceImages
@@ -35,7 +36,6 @@ from utils.training import EpochStats, TrainingRecipe, train_classifier
 from utils.triggers import to_uint8_images
 
 DEFENSE = "nc"
-MAD_CONSISTENCY = 1.4826  # MAD * 1.4826 estimates the standard deviation of normally distributed norms
 ADAM_BETAS = (0.5, 0.9)  # the paper's code and BackdoorBench's
 
 
@@ -236,22 +236,10 @@ def reverse_engineer(model, data, num_classes, args, generator, log, amp=False):
 
 # ---------------------------------------------------------------- outlier detection
 
-def anomaly_indices(norms):
-    """|norm - median| / (1.4826 * MAD) per class; with MAD 0, 0 at the median and infinite elsewhere. The median
-    of an even count is the lower middle value (torch's, as BackdoorBench computes it)."""
-    norms = torch.as_tensor(norms, dtype=torch.float64)
-    median = norms.median()
-    deviation = (norms - median).abs()
-    mad = MAD_CONSISTENCY * deviation.median()
-    if mad == 0:
-        return torch.where(deviation == 0, 0.0, math.inf)
-    return deviation / mad
-
-
 def flagged_classes(norms, threshold):
     """The classes whose mask norm is below the median with an anomaly index above `threshold`, smallest first."""
     norms = torch.as_tensor(norms, dtype=torch.float64)
-    indices = anomaly_indices(norms)
+    indices = anomaly_index(norms)
     small = (norms < norms.median()) & (indices > threshold)
     return sorted(small.nonzero().flatten().tolist(), key=lambda k: float(norms[k]))
 
@@ -341,7 +329,7 @@ def defend(run):
         seconds = time.perf_counter() - started
     run.count_images("reverse_engineer", triggers.images)
     norms = triggers.norms.tolist()
-    indices = anomaly_indices(norms).tolist()
+    indices = anomaly_index(torch.tensor(norms, dtype=torch.float64)).tolist()
     flagged = flagged_classes(norms, args.anomaly_threshold)
     write_table(class_table(triggers, indices, flagged), run.path / "nc_classes.csv")
     save_trigger_grid(triggers, flagged, run.path / "reversed_triggers.png")

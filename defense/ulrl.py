@@ -23,6 +23,7 @@ from utils.config import none_or_str, str2bool
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
+from utils.outliers import anomaly_index
 from utils.models import classifier_head
 from utils.reporting import write_table
 from utils.precision import autocast, grad_scaler
@@ -65,14 +66,12 @@ def build_parser():
 def select_outliers(scores, threshold=3.5, max_neurons=2, selection="first"):
     """Neurons whose weight-change score is a high outlier by the median-absolute-deviation test.
 
-    med = median(s) (torch's lower median), mad = median(|s - med|), z = |s - med| / (1.4826 mad);
-    outliers have z > threshold and s > med. `first` keeps them in ascending index order (the reference),
+    z = |s - median| / (1.4826 MAD) (utils/outliers.py); outliers have z > threshold and s > median. `first` keeps them in ascending index order (the reference),
     `top` by decreasing z; at most `max_neurons` are kept (0: all). Returns (selected indices, z).
     """
     scores = torch.as_tensor(scores)
     median = torch.median(scores)
-    deviation = (scores - median).abs()
-    z = deviation / (1.4826 * torch.median(deviation))
+    z = anomaly_index(scores)
     outliers = [i for i in range(len(scores)) if bool(z[i] > threshold) and bool(scores[i] > median)]
     if selection == "top":
         outliers.sort(key=lambda i: -float(z[i]))

@@ -14,6 +14,7 @@ from helpers import load_script, run_defense_on_shared_record
 from fakes import fake_run
 from utils.defense_setup import defense_defaults, parse_defense_args
 from utils.errors import UserError
+from utils.model_graph import find_prunable_channels, mean_channel_activation
 from utils.tensor_data import DeviceImages
 
 fp = load_script("defense/fp.py")
@@ -71,28 +72,28 @@ def test_bad_options_are_clear_errors_before_anything_is_loaded(extra, message):
 
 @pytest.mark.parametrize("pool", [nn.AdaptiveAvgPool2d(1), nn.AdaptiveMaxPool2d((1, 1))])
 def test_the_channels_entering_global_pooling_are_found_with_the_head_that_reads_them(pool):
-    target = fp.find_prunable_channels(Probe(pool), batch())
+    target = find_prunable_channels(Probe(pool), batch())
     assert (target.pool_name, target.linear_name, target.channels) == ("pool", "head", len(ACTIVITY))
 
 
 def test_a_model_without_global_pooling_is_one_clear_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     with pytest.raises(UserError, match="no AdaptiveAvgPool2d/AdaptiveMaxPool2d with a 1x1 output") as error:
-        fp.find_prunable_channels(model, batch())
+        find_prunable_channels(model, batch())
     assert "\n" not in str(error.value)
     with pytest.raises(UserError, match="no module named 'nothing'"):
-        fp.find_prunable_channels(model, batch(), "nothing")
+        find_prunable_channels(model, batch(), "nothing")
 
 
 def test_a_layer_that_mixes_channels_after_the_pooling_is_refused():
     """LayerNorm over the pooled features: zeroing head columns would not remove the channels."""
     with pytest.raises(UserError, match="mixes channels"):
-        fp.find_prunable_channels(Probe(between=nn.LayerNorm(len(ACTIVITY))), batch())
+        find_prunable_channels(Probe(between=nn.LayerNorm(len(ACTIVITY))), batch())
 
 
 def test_mean_activation_is_each_channels_average_and_the_least_active_come_first():
     model = Probe()
-    activation = fp.mean_channel_activation(model, model.pool, data(), 7)
+    activation = mean_channel_activation(model, model.pool, data(), 7)
     assert torch.allclose(activation, torch.tensor(ACTIVITY))
     assert torch.argsort(activation, stable=True).tolist() == [1, 3, 5, 2, 4, 0]
 
@@ -128,7 +129,7 @@ def rule_run(accuracies, sweep=False, **options):
 
 def test_the_rule_keeps_the_largest_share_before_the_first_one_outside_the_tolerance(monkeypatch, tmp_path):
     model = Probe()
-    target = fp.find_prunable_channels(model, batch())
+    target = find_prunable_channels(model, batch())
     run = rule_run([0.9, 0.85, 0.79, 0.95, 0.95])  # 0.79 < 0.9 - 0.1: stop there; the later 0.95 is never tried
     run.path = tmp_path
     monkeypatch.setattr(fp, "accuracy", lambda *_args: run.judged())
@@ -143,7 +144,7 @@ def test_the_rule_keeps_the_largest_share_before_the_first_one_outside_the_toler
 
 def test_the_sweep_reads_the_test_sets_but_does_not_change_the_choice(monkeypatch, tmp_path):
     model = Probe()
-    target = fp.find_prunable_channels(model, batch())
+    target = find_prunable_channels(model, batch())
     run = rule_run([0.9, 0.85, 0.79], sweep=True)
     run.path = tmp_path
     monkeypatch.setattr(fp, "accuracy", lambda *_args: run.judged())

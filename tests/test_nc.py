@@ -13,6 +13,7 @@ from helpers import load_script
 from utils.defense_run import DefenseRun
 from utils.defense_setup import parse_defense_args
 from utils.errors import UserError
+from utils.outliers import anomaly_index
 from utils.tensor_data import Augmentation, DeviceImages
 
 nc = load_script("defense/nc.py")
@@ -23,7 +24,7 @@ SIZE = 8
 
 def test_anomaly_index_by_hand():
     # median 3, absolute deviations 2 1 0 1 97, their median 1: MAD 1.4826
-    indices = nc.anomaly_indices([1.0, 2.0, 3.0, 4.0, 100.0])
+    indices = anomaly_index([1.0, 2.0, 3.0, 4.0, 100.0])
     assert indices.tolist() == pytest.approx([2 / 1.4826, 1 / 1.4826, 0.0, 1 / 1.4826, 97 / 1.4826])
 
 
@@ -34,17 +35,17 @@ def test_a_small_outlier_is_flagged():
 
 def test_a_large_outlier_is_not_flagged():
     norms = [10.0, 10.5, 9.5, 10.2, 9.8, 30.0]
-    assert nc.anomaly_indices(norms)[5] > 2
+    assert anomaly_index(norms)[5] > 2
     assert nc.flagged_classes(norms, 2) == []
 
 
 def test_uniform_norms_flag_nothing():
-    assert nc.anomaly_indices([5.0] * 4).tolist() == [0.0] * 4
+    assert anomaly_index([5.0] * 4).tolist() == [0.0] * 4
     assert nc.flagged_classes([5.0] * 4, 2) == []
 
 
 def test_with_zero_mad_only_the_classes_off_the_median_are_infinite():
-    indices = nc.anomaly_indices([5.0, 5.0, 5.0, 1.0])
+    indices = anomaly_index([5.0, 5.0, 5.0, 1.0])
     assert indices.tolist()[:3] == [0.0] * 3 and indices[3] == float("inf")
     assert nc.flagged_classes([5.0, 5.0, 5.0, 1.0], 2) == [3]
 
