@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import run_script
+from helpers import EVAL_LIMIT, run_script
 from utils.models import build_model, load_weights
 from utils.reporting import EPOCH_COLUMNS
 
@@ -13,12 +13,12 @@ from utils.reporting import EPOCH_COLUMNS
 BADNET_BEFORE = {"test_acc": 0.5356, "test_asr": 0.1351111111111111, "test_ra": 0.5237777777777778}
 
 
-EVAL_LIMIT = 500  # the full sets (19,000 images) cost ~3.5 min per evaluation on 2 AVX2 cores: the slow test
 
 
 @pytest.fixture(scope="module")
 def ulrl_run(tmp_path_factory, request):
-    """One reduced ULRL run as a user types it (relative paths from the repository root)."""
+    """One reduced ULRL run as a user types it (relative paths from the repository root), at the reference setting
+    (1% clean data: BackdoorBench's 500 indices)."""
     import shutil
     from conftest import SHARED_RECORDS, require_cifar10, require_shared_record
     require_cifar10()
@@ -26,7 +26,7 @@ def ulrl_run(tmp_path_factory, request):
     record_dir = tmp_path_factory.mktemp("e2e") / "record"
     shutil.copytree(SHARED_RECORDS / "badnet_0_1", record_dir / "badnet_0_1", ignore=shutil.ignore_patterns("defense"))
     result = run_script("defense/ulrl.py", "--result_file", "badnet_0_1", "--yaml_path",
-                        "config/defense/ulrl/cifar10.yaml", "--dataset", "cifar10", "--record_dir", record_dir,
+                        "config/defense/ulrl/reference.yaml", "--dataset", "cifar10", "--record_dir", record_dir,
                         "--unlearning_epochs", 1, "--relearn_epochs", 2, "--progress", "False", "--device", "cpu",
                         "--eval_limit", EVAL_LIMIT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
