@@ -7,13 +7,16 @@ defense, and scores its verdicts against BackdoorBench's leaderboard.
     python sh/benchmark.py --scale paper      # PreAct-ResNet18, 100-epoch attacks: for a GPU machine
     python sh/benchmark.py --scale proxy --seeds 0 --attacks badnet blended --defenses none ft anp clp
     python sh/benchmark.py --scale paper --executor slurm --slurm_config my_cluster.yaml   # on a cluster
+    python sh/benchmark.py --scale proxy --recipe config/attack/prototype/proxy_candidates/c1_onecycle_lr0.2.yaml
 
 Attacks are all-to-one, target 0, 10% poisoning, named record/<attack>_<scale> for seed 0 and
 record/<attack>_<scale>_seed<N> for seed N; a record that exists is reused and a defense result that exists is not
 recomputed, so an interrupted benchmark continues where it stopped (delete record/<record>/defense/<defense>/ to redo
 one cell). Output in record/benchmark/<scale>/: runs.csv (one row per seed), summary.csv and summary.md (mean and
 spread over seeds, the leaderboard score), asr_heatmap.png, logs/ (one log per run) and benchmark.json (date,
-machine, wall time); the summary is printed at the end. Every defense runs at its config/defense/<name>/cifar10.yaml.
+machine, wall time); the summary is printed at the end. --recipe trains the attacks with another prototype YAML
+(a candidate proxy): its records are <attack>_<scale>_<recipe file stem>[_seed<N>], its outputs in
+record/benchmark/<scale>_<stem>/, so candidates never mix. Every defense runs at its config/defense/<name>/cifar10.yaml.
 The leaderboard (resource/leaderboard/cifar10.md, or --leaderboard) scores every cell that it holds: a cell agrees
 when both say the same about the defended ASR (at most 20%: removes). Defenses not on it are reported, not scored.
 With --executor slurm the attacks go to SLURM as one job array, then the defenses as a second (submitit; resources
@@ -38,7 +41,7 @@ from utils.leaderboard import read_leaderboard  # noqa: E402
 from utils.slurm import add_executor_options, slurm_settings  # noqa: E402
 
 SCALES = {  # scale -> the prototype YAML (training recipe) of its attacks, and the label its tables carry
-    "proxy": ("config/attack/prototype/cifar10_proxy.yaml", "proxy (PreAct-ResNet18 at 1/4 width, 5-epoch CPU recipe)"),
+    "proxy": ("config/attack/prototype/cifar10_proxy.yaml", "proxy (PreAct-ResNet18 at 1/4 width, 5 epochs, cosine lr 0.02)"),
     "cpu": ("config/attack/prototype/cifar10_cpu.yaml", "cpu, a small network (airbench_cpu, 18-epoch CPU recipe)"),
     "paper": ("config/attack/prototype/cifar10.yaml", "paper (PreAct-ResNet18, BackdoorBench's 100-epoch recipe)"),
 }
@@ -54,14 +57,17 @@ def attack_yaml(attack, scale):
     raise UserError(f"attack {attack!r} has no config/attack/{attack}/default.yaml")
 
 
-def record_name(attack, scale, seed):
-    return f"{attack}_{scale}" if seed == 0 else f"{attack}_{scale}_seed{seed}"
+def record_name(attack, scale, seed, variant=None):
+    base = f"{attack}_{scale}" + (f"_{variant}" if variant else "")
+    return base if seed == 0 else f"{base}_seed{seed}"
 
 
-def attack_job(attack, scale, seed, record_dir, log_dir):
+def attack_job(attack, scale, seed, record_dir, log_dir, recipe=None):
+    """The attack's run at `scale` (its prototype YAML, or `recipe`, a candidate's, which names the record too)."""
     script = REPO_ROOT / ATTACKS.lookup(attack).script
-    name = record_name(attack, scale, seed)
-    command = [sys.executable, str(script), "--yaml_path", SCALES[scale][0], "--bd_yaml_path", attack_yaml(attack, scale),
+    name = record_name(attack, scale, seed, Path(recipe).stem if recipe else None)
+    command = [sys.executable, str(script), "--yaml_path", recipe or SCALES[scale][0],
+               "--bd_yaml_path", attack_yaml(attack, scale),
                "--save_folder_name", name, "--record_dir", str(Path(record_dir).resolve()), "--dataset", DATASET,
                "--attack_target", "0", "--pratio", "0.1", "--attack_label_trans", "all2one", "--progress", "False",
                "--random_seed", str(seed)]
@@ -94,23 +100,28 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="attack seeds (default: 0 1 2)")
     parser.add_argument("--leaderboard", help="the leaderboard file to score against (default: "
                         "resource/leaderboard/cifar10.md)")
+    parser.add_argument("--recipe", help="a prototype YAML to train the attacks with instead of the scale's (a "
+                        "candidate proxy; records and outputs are named after its file)")
     parser.add_argument("--record_dir", default="record")
-    parser.add_argument("--out", help="default: <record_dir>/benchmark/<scale>")
+    parser.add_argument("--out", help="default: <record_dir>/benchmark/<scale>[_<recipe stem>]")
     parser.add_argument("--timeout", type=float, help="seconds after which one attack or defense run is stopped")
     add_executor_options(parser)
     args = parser.parse_args(argv)
     slurm = slurm_settings(args) if args.executor == "slurm" else None
     started = time.perf_counter()
-    out = Path(args.out or Path(args.record_dir) / "benchmark" / args.scale)
+    variant = Path(args.recipe).stem if args.recipe else None
+    if args.recipe and not Path(args.recipe).is_file() and not (REPO_ROOT / args.recipe).is_file():
+        raise UserError(f"--recipe {args.recipe}: no such file")
+    out = Path(args.out or Path(args.record_dir) / "benchmark" / (args.scale + (f"_{variant}" if variant else "")))
     logs = out / "logs"
     defenses = args.defenses
 
     leaderboard = read_leaderboard(args.leaderboard)  # a bad file stops here, before hours of training
 
-    attack_report = run_jobs([attack_job(a, args.scale, seed, args.record_dir, logs)
+    attack_report = run_jobs([attack_job(a, args.scale, seed, args.record_dir, logs, args.recipe)
                               for seed in args.seeds for a in args.attacks], timeout=args.timeout, slurm=slurm,
                              dry_run=args.dry_run)
-    records = {seed: {a: Path(args.record_dir) / record_name(a, args.scale, seed) for a in args.attacks}
+    records = {seed: {a: Path(args.record_dir) / record_name(a, args.scale, seed, variant) for a in args.attacks}
                for seed in args.seeds}
     jobs = [defense_job(d, folder.name, args.record_dir, logs, DATASET)
             for by_attack in records.values() for folder in by_attack.values()
@@ -123,9 +134,10 @@ def main(argv=None):
     write_report(report, logs)
 
     wall = time.perf_counter() - started
-    info = {"scale": args.scale, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+    info = {"scale": args.scale, "recipe": args.recipe or SCALES[args.scale][0], "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
             "wall_seconds_this_invocation": wall, "attacks": args.attacks, "defenses": defenses, "seeds": args.seeds}
-    title = (f"Scale: {SCALES[args.scale][1]}. CIFAR-10, all-to-one target 0, 10% poisoning, attack seeds "
+    label = SCALES[args.scale][1] + (f", recipe {args.recipe}" if args.recipe else "")
+    title = (f"Scale: {label}. CIFAR-10, all-to-one target 0, 10% poisoning, attack seeds "
              f"{' '.join(map(str, args.seeds))}; {info['date']}, {info['machine']}")
     runs = collect_seeds(records, defenses)
     text = write_benchmark(runs, aggregate(runs, leaderboard.verdict), leaderboard, out, title)

@@ -150,3 +150,16 @@ def test_benchmark_resumes_from_existing_records_and_results(tmp_path):
     unknown = run_script("sh/benchmark.py", "--scale", "cpu", "--defenses", "ft", "nosuchdefense", "--record_dir",
                          tmp_path, timeout=300)  # a typo stops before hours of training, naming the registered ones
     assert unknown.returncode == 2 and "invalid choice: 'nosuchdefense'" in unknown.stderr and "'ulrl'" in unknown.stderr
+
+
+def test_benchmark_recipe_names_the_candidates_records_and_outputs(tmp_path):
+    recipe = "config/attack/prototype/proxy_candidates/c1_onecycle_lr0.2.yaml"
+    result = run_script("sh/benchmark.py", "--scale", "proxy", "--recipe", recipe, "--seeds", "0", "1", "--attacks",
+                        "badnet", "--defenses", "none", "clp", "--record_dir", tmp_path, "--dry_run", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"--yaml_path {recipe} " in result.stdout  # the candidate trains, not the scale's own recipe
+    for name in ("badnet_proxy_c1_onecycle_lr0.2", "badnet_proxy_c1_onecycle_lr0.2_seed1"):
+        assert f"would run attack {name}:" in result.stdout and f"would run {name}/clp:" in result.stdout
+    missing = run_script("sh/benchmark.py", "--scale", "proxy", "--recipe", "no/such.yaml", "--record_dir", tmp_path,
+                         timeout=300)
+    assert missing.returncode != 0 and "--recipe no/such.yaml: no such file" in missing.stderr
