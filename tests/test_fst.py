@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import build_for_shapes, load_script, run_defense_on_shared_record
+from helpers import EVAL_LIMIT, build_for_shapes, load_script, run_defense_on_shared_record
 from utils.defense_setup import parse_defense_args
 from utils.errors import UserError
 from utils.models import MODELS, build_model, classifier_head, load_weights
@@ -146,7 +146,7 @@ def test_fst_end_to_end_keeps_the_head_norm_and_reports(fst_run):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["defense"] == "fst" and summary["head"] == "linear" and summary["clean_samples"] == 500
-    assert summary["images"]["finetune"] == 500 and summary["images"]["evaluate_after"] == 1000
+    assert summary["images"]["finetune"] == 500 and summary["images"]["evaluate_after"] == 2 * EVAL_LIMIT
     table = pd.read_csv(folder / "fst_df.csv", index_col=0)
     assert len(table) == 1 and table["test_acc"].iloc[-1] == pytest.approx(summary["after"]["test_acc"])
     assert "FST: ACC" in result.stdout + result.stderr

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import load_script, run_defense_on_shared_record
+from helpers import EVAL_LIMIT, load_script, run_defense_on_shared_record
 from utils.defense_setup import parse_defense_args
 from utils.errors import UserError
 from utils.models import build_model, load_weights
@@ -36,7 +36,7 @@ def test_ft_end_to_end_changes_the_model_and_reports(ft_run):
     folder, result = ft_run
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["defense"] == "ft" and summary["clean_samples"] == 250 and summary["eval_limit"] == 500
+    assert summary["defense"] == "ft" and summary["clean_samples"] == 250 and summary["eval_limit"] == EVAL_LIMIT
     assert summary["images"]["finetune"] == 2 * 250 and summary["images"]["evaluate_before"] == 1000
     table = pd.read_csv(folder / "ft_df.csv", index_col=0)
     assert len(table) == 2 and table["test_acc"].iloc[-1] == pytest.approx(summary["after"]["test_acc"])

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import utils.defense_run as defense_run
 from conftest import SHARED_RECORDS
-from helpers import load_script, run_defense_on_shared_record
+from helpers import EVAL_LIMIT, load_script, run_defense_on_shared_record
 from fakes import fake_run, small_data, tiny
 from utils.defense_setup import defense_defaults, parse_defense_args
 from utils.errors import UserError, run_cli
@@ -111,7 +111,7 @@ def test_rnp_end_to_end_prunes_exactly_the_low_mask_channels_of_the_original(rnp
     assert "RNP: ACC" in result.stdout
     summary = json.loads((folder / "summary.json").read_text())
     decision = summary["pruning"]
-    assert summary["defense"] == "rnp" and summary["clean_samples"] == 500 and summary["eval_limit"] == 500
+    assert summary["defense"] == "rnp" and summary["clean_samples"] == 500 and summary["eval_limit"] == EVAL_LIMIT
     assert summary["unlearning_epochs_run"] == 1 and summary["mask_samples"] == 400
     assert decision["rule"] == "acc_tolerance" and decision["holdout_samples"] == 100
     assert decision["pruning_amount"] in (0.0, 0.3, 0.6, 0.9)

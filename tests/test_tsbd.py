@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import load_script, run_defense_on_shared_record
+from helpers import EVAL_LIMIT, load_script, run_defense_on_shared_record
 from utils.defense_run import DefenseRun
 from utils.defense_setup import parse_defense_args
 from utils.errors import UserError
@@ -326,7 +326,7 @@ def test_tsbd_end_to_end_writes_the_reference_outputs_and_the_summary(tsbd_run):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert any("TSBD: ACC" in line and "DER" in line for line in result.stdout.splitlines())
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["defense"] == "tsbd" and summary["clean_samples"] == 300 and summary["eval_limit"] == 500
+    assert summary["defense"] == "tsbd" and summary["clean_samples"] == 300 and summary["eval_limit"] == EVAL_LIMIT
     assert summary["n_source"] == "clean-subset rule" and summary["n"] in (0.0, 0.05, 0.3)
     assert summary["n_rule"]["heldout"] == 60 and summary["n_rule"]["candidates"][0]["n"] == 0.05
     for phase in ("unlearn", "nwc", "select_n", "stage1_test", "finetune"):
