@@ -22,7 +22,8 @@ from utils.errors import UserError, run_cli
 from utils.pruning import (BatchNormMasks, add_pruning_options, batchnorm_layers,
                            check_pruning_args, prune_by_masks, split_for_rule)
 from utils.precision import grad_scaler
-from utils.training import gradient_ascent_objective, train_epoch
+from utils.training import train_epoch
+from utils.unlearning import UnlearningRule, unlearn as unlearn_until_forgotten
 
 DEFENSE = "rnp"
 
@@ -67,24 +68,9 @@ def unlearn(run, model, data):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.unlearning_lr, momentum=args.sgd_momentum,
                                 weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(args.schedule), gamma=args.steplr_gamma)
-    scaler = grad_scaler(run.device, args.amp)
-    rows = []
-    for epoch in range(args.unlearning_epochs):
-        stats = train_epoch(model, data, optimizer, batch_size=args.batch_size, augment=run.setup.augmentation,
-                            generator=run.generator, amp=args.amp, scaler=scaler, objective=gradient_ascent_objective,
-                            grad_clip=args.unlearning_grad_clip or None)
-        scheduler.step()
-        run.count_images("unlearn", stats.samples)
-        rows.append(run.epoch_row(epoch, stats, model))
-        run.logger.info(f"unlearning epoch {epoch}: loss {stats.loss:.4f}, train acc {stats.acc:.4f} "
-                        f"({stats.seconds:.1f} s)")
-        if stats.acc <= args.clean_threshold:
-            run.logger.info(f"unlearning stopped: train acc {stats.acc:.4f} <= {args.clean_threshold}")
-            break
-    else:
-        run.logger.info(f"unlearning ran all {args.unlearning_epochs} epochs without reaching train acc <= "
-                        f"{args.clean_threshold}")
-    return rows
+    rule = UnlearningRule(optimizer, args.clean_threshold, args.unlearning_epochs, scheduler=scheduler,
+                          grad_clip=args.unlearning_grad_clip or None)
+    return unlearn_until_forgotten(run, model, data, rule)[0]
 
 
 def recover(run, model, masks, data):

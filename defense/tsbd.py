@@ -42,10 +42,11 @@ from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
 from utils.models import cpu_state_dict
-from utils.precision import autocast, grad_scaler
+from utils.precision import autocast
 from utils.reporting import write_table
 from utils.tensor_data import augment_batch, subset
-from utils.training import EpochStats, accuracy, gradient_ascent_objective, train_epoch
+from utils.training import EpochStats, accuracy
+from utils.unlearning import UnlearningRule, unlearn as unlearn_until_forgotten
 
 DEFENSE = "tsbd"
 MOMENTUM = 0.9  # both stages (the reference's SGD; its YAML's sgd_momentum is never read)
@@ -116,22 +117,10 @@ def unlearn(run):
     setup, args = run.setup, run.args
     model = setup.fresh_backdoored_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr_un, momentum=MOMENTUM)
-    scaler = grad_scaler(setup.device, args.amp)
-    rows, clean_acc = [], None
-    for epoch in range(args.epochs):
-        stats = train_epoch(model, setup.clean_subset, optimizer, batch_size=args.batch_size,
-                            augment=setup.augmentation, generator=run.generator, amp=args.amp, scaler=scaler,
-                            objective=gradient_ascent_objective, shuffle=False)
-        clean_acc = augmented_accuracy(model, setup.clean_subset, setup.augmentation, run.generator)
-        run.count_images("unlearn", 2 * stats.samples)
-        rows.append(run.epoch_row(epoch, stats, model))
-        run.logger.info(f"unlearning epoch {epoch}: loss {stats.loss:.4f}, clean-subset acc {clean_acc:.4f} "
-                        f"({stats.seconds:.1f} s)")
-        if clean_acc <= args.clean_threshold:
-            break
-    else:
-        run.logger.warning(f"unlearning ran all {args.epochs} epochs without reaching clean-subset accuracy <= "
-                           f"{args.clean_threshold}")
+    rule = UnlearningRule(optimizer, args.clean_threshold, args.epochs, shuffle=False, images_per_sample=2,
+                          accuracy=lambda unlearned, _stats: augmented_accuracy(unlearned, setup.clean_subset,
+                                                                                setup.augmentation, run.generator))
+    rows, clean_acc = unlearn_until_forgotten(run, model, setup.clean_subset, rule)
     return model, rows, clean_acc
 
 

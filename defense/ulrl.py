@@ -27,7 +27,8 @@ from utils.outliers import anomaly_index
 from utils.models import classifier_head
 from utils.reporting import write_table
 from utils.precision import autocast, grad_scaler
-from utils.training import gradient_ascent_objective, train_epoch
+from utils.training import train_epoch
+from utils.unlearning import UnlearningRule, neuron_weight_change, unlearn as unlearn_until_forgotten
 
 DEFENSE = "ulrl"
 
@@ -91,43 +92,14 @@ def scored_layers(model, args, num_classes):
     return layers
 
 
-def weight_change_scores(before, after):
-    """L1 change of each output neuron's weights: sum over all but the first dimension (bias excluded)."""
-    return (after - before).abs().flatten(1).sum(1)
-
-
 def unlearn(run):
     """Gradient ascent on the clean subset until the epoch's running training accuracy <= clean_threshold."""
-    setup, args = run.setup, run.args
-    model = setup.model
+    args, model = run.args, run.setup.model
     optimizer = torch.optim.SGD(model.parameters(), lr=args.unlearning_lr, momentum=args.sgd_momentum,
                                 weight_decay=args.wd)
-    scheduler = make_scheduler(optimizer, args)
-    scaler = grad_scaler(setup.device, args.amp)
-
-    rows = []
-    epochs = tqdm(range(args.unlearning_epochs), desc="unlearning", disable=not args.progress, leave=False)
-    for epoch in epochs:
-        stats = train_epoch(model, setup.clean_subset, optimizer, batch_size=args.batch_size,
-                            augment=setup.augmentation, generator=run.generator, amp=args.amp, scaler=scaler,
-                            objective=gradient_ascent_objective, grad_clip=args.unlearning_grad_clip)
-        if scheduler is not None:
-            scheduler.step()
-        run.count_images("unlearn", stats.samples)
-        stopping = stats.acc <= args.clean_threshold
-        rows.append(run.epoch_row(epoch, stats, model))
-        epochs.set_postfix(train_acc=f"{stats.acc:.3f}")
-        run.logger.info(f"unlearning epoch {epoch}: clean-subset loss {stats.loss:.4f}, running train acc "
-                        f"{stats.acc:.4f} ({stats.seconds:.1f} s)")
-        if stopping:
-            run.logger.info(f"unlearning stopped after epoch {epoch}: train acc {stats.acc:.4f} <= "
-                            f"{args.clean_threshold}")
-            break
-    else:
-        run.logger.info(f"unlearning ran all {args.unlearning_epochs} epochs without reaching train acc <= "
-                        f"{args.clean_threshold}")
-    epochs.close()  # an early stop leaves the bar open (frozen at its last epoch) otherwise
-    return rows
+    rule = UnlearningRule(optimizer, args.clean_threshold, args.unlearning_epochs,
+                          scheduler=make_scheduler(optimizer, args), grad_clip=args.unlearning_grad_clip)
+    return unlearn_until_forgotten(run, model, run.setup.clean_subset, rule)[0]
 
 
 def make_scheduler(optimizer, args):
@@ -143,7 +115,7 @@ def select_neurons(layers, before, args, logger):
     """Per layer: weight-change scores, z-scores and the selected neurons. Returns {name: [indices]}, table rows."""
     selected, table = {}, []
     for name, module in layers.items():
-        scores = weight_change_scores(before[name], module.weight.detach().float())
+        scores = neuron_weight_change(before[name], module.weight)
         chosen, z = select_outliers(scores.cpu(), args.mad_threshold, args.max_neurons, args.selection)
         if chosen:
             selected[name] = chosen
