@@ -28,7 +28,8 @@ from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
 from utils.model_graph import find_prunable_channels, mean_channel_activation
-from utils.pruning import candidate_amounts, largest_within_tolerance, split_for_rule
+from utils.pruning import candidate_amounts, split_for_rule
+from utils.selection import largest_within_tolerance
 from utils.reporting import write_table
 from utils.training import EpochStats, TrainingRecipe, accuracy, train_classifier
 

@@ -44,7 +44,8 @@ from utils.errors import UserError, run_cli
 from utils.models import cpu_state_dict
 from utils.precision import autocast
 from utils.reporting import write_table
-from utils.tensor_data import augment_batch, subset
+from utils.selection import holdout_split, largest_accepted
+from utils.tensor_data import augment_batch
 from utils.training import EpochStats, accuracy
 from utils.unlearning import UnlearningRule, unlearn as unlearn_until_forgotten
 
@@ -243,31 +244,13 @@ def finetune(model, data, args, augmentation, generator, epochs, after_epoch=Non
 
 # ---------------------------------------------------------------- choosing n from the clean subset only
 
-def largest_accepted(candidates, heldout_accuracy, reference, tolerance):
-    """Walk `candidates` in increasing order while heldout_accuracy(n) >= reference - tolerance; returns the last
-    accepted n (0.0 when the first is rejected) and one row per candidate tried."""
-    chosen, rows = 0.0, []
-    for n in sorted(candidates):
-        acc, details = heldout_accuracy(n)
-        accepted = acc >= reference - tolerance - 1e-12  # 0.93 - 0.05 is 0.8800000000000001
-        rows.append({"n": n, **details, "heldout_acc": acc, "accepted": accepted})
-        if not accepted:
-            break
-        chosen = n
-    return chosen, rows
-
-
 def choose_n(run, deltas, ranking):
     """The selection rule of the module docstring. Returns (n, evidence for summary.json)."""
     setup, args = run.setup, run.args
     data = setup.clean_subset
     generator = torch.Generator().manual_seed(args.random_seed)  # its own draws: stage 2 does not depend on the rule
-    order = torch.randperm(len(data), generator=generator).to(data.device)
-    held = int(len(data) * args.select_holdout)
-    if not 0 < held < len(data):
-        raise UserError(f"--select_holdout {args.select_holdout} of {len(data)} clean samples leaves no held-out "
-                        "or no training sample; pass --n or change --select_holdout/--ratio")
-    heldout, train = subset(data, order[:held]), subset(data, order[held:])
+    train, heldout = holdout_split(data, args.select_holdout, generator, "the clean subset (--select_holdout)")
+    held = len(heldout)
     reference = accuracy(setup.model, heldout)
     run.logger.info(f"n rule: original model's accuracy on {held} held-out clean samples {reference:.4f}; "
                     f"accept n while >= {reference - args.select_tolerance:.4f}")

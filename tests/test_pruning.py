@@ -10,7 +10,8 @@ from fakes import tiny
 from utils.errors import UserError
 from utils.models import MODELS, build_model
 from utils.pruning import (BatchNormMasks, batchnorm_layers, candidate_amounts, channels_to_prune,
-                           check_pruning_args, largest_within_tolerance, mask_table, prune_channels, split_for_rule)
+                           check_pruning_args, mask_table, prune_channels, split_for_rule)
+from utils.selection import largest_within_tolerance
 from utils.tensor_data import DeviceImages
 
 NO_BATCHNORM = {"vgg11", "vgg16", "vgg19", "vit_b_16", "convnext_tiny"}  # plain VGGs, LayerNorm models

@@ -17,6 +17,7 @@ from utils.defense_run import DefenseRun
 from utils.defense_setup import parse_defense_args
 from utils.errors import UserError
 from utils.models import MODELS, build_model, load_weights
+from utils.selection import largest_accepted
 from utils.tensor_data import Augmentation, DeviceImages
 
 tsbd = load_script("defense/tsbd.py")
@@ -224,11 +225,11 @@ def test_n_rule_takes_the_largest_n_before_the_first_rejection():
         tried.append(n)
         return scripted[n], {"n_number": int(100 * n)}
 
-    n, rows = tsbd.largest_accepted(scripted, heldout, reference=0.80, tolerance=0.05)
+    n, rows = largest_accepted(scripted, heldout, reference=0.80, tolerance=0.05)
     assert n == 0.1 and tried == [0.01, 0.05, 0.1, 0.2]  # 0.2 is rejected: 0.3 is never tried
     assert [row["accepted"] for row in rows] == [True, True, True, False] and rows[0]["n_number"] == 1
-    assert tsbd.largest_accepted([0.1, 0.2], lambda n: (0.5, {}), 0.8, 0.05)[0] == 0.0
-    assert tsbd.largest_accepted([0.2, 0.1], lambda n: (0.8, {}), 0.8, 0.0)[0] == 0.2
+    assert largest_accepted([0.1, 0.2], lambda n: (0.5, {}), 0.8, 0.05)[0] == 0.0
+    assert largest_accepted([0.2, 0.1], lambda n: (0.8, {}), 0.8, 0.0)[0] == 0.2
 
 
 # ---------------------------------------------------------------- every registered architecture

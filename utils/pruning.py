@@ -5,7 +5,7 @@
   with ANP's multiplicative perturbation), put on by forward hooks: any architecture works without rewriting its
   classes, and removing the hooks gives the model back unchanged.
 - `prune_channels(model, channels, zero_bias=False)`: zero the scale (gamma) of chosen channels.
-- `pruning_order`, `channels_to_prune`, `candidate_amounts`, `largest_within_tolerance`: which channels, how many.
+- `pruning_order`, `channels_to_prune`, `candidate_amounts` (utils/selection.py: the rule): which channels, how many.
 - `add_pruning_options` / `check_pruning_args` / `prune_by_masks`: the pruning step of a mask-scoring defense as a
   whole: a fixed threshold or number, or a clean-subset rule, plus the labelled test-data sweep.
 """
@@ -17,7 +17,7 @@ import torch.nn as nn
 from utils.config import none_or_float, str2bool
 from utils.errors import UserError
 from utils.reporting import write_table
-from utils.tensor_data import subset
+from utils.selection import holdout_split, largest_within_tolerance
 from utils.training import accuracy
 
 
@@ -166,12 +166,6 @@ def candidate_amounts(by, pruning_max, pruning_step):
     return [int(a) for a in amounts] if by == "number" else amounts
 
 
-def largest_within_tolerance(amounts, accuracies, baseline, tolerance):
-    """The largest amount whose accuracy is at least baseline - tolerance (an absolute drop); None if none is."""
-    within = [amount for amount, acc in zip(amounts, accuracies) if acc >= baseline - tolerance - 1e-12]
-    return max(within) if within else None
-
-
 # ---------------------------------------------------------------- the pruning step of a mask-scoring defense
 
 def add_pruning_options(parser):
@@ -220,11 +214,7 @@ def split_for_rule(data, args, generator):
     --acc_tolerance chooses the pruning amount; otherwise every clean sample goes to mask learning."""
     if args.acc_tolerance is None:
         return data, None
-    order = torch.randperm(len(data), generator=generator).tolist()
-    held = max(1, int(round(len(data) * args.holdout_ratio)))
-    if held >= len(data):
-        raise UserError(f"--holdout_ratio {args.holdout_ratio} leaves no clean sample to learn the masks on")
-    return subset(data, sorted(order[held:])), subset(data, sorted(order[:held]))
+    return holdout_split(data, args.holdout_ratio, generator, "the clean subset (--holdout_ratio)")
 
 
 def prune_by_masks(run, values, holdout=None):
