@@ -34,7 +34,6 @@ if __package__ in (None, ""):  # run as `python defense/tsbd.py`: make the repos
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.config import none_or_float, str2bool
@@ -47,7 +46,8 @@ from utils.reporting import write_table
 from utils.selection import holdout_split, largest_accepted
 from utils.tensor_data import augment_batch
 from utils.training import EpochStats, accuracy
-from utils.unlearning import UnlearningRule, unlearn as unlearn_until_forgotten
+from utils.unlearning import (UnlearningRule, nwc_layers, rank_neurons, unlearn as unlearn_until_forgotten,
+                              weight_changes, write_nwc)
 
 DEFENSE = "tsbd"
 MOMENTUM = 0.9  # both stages (the reference's SGD; its YAML's sgd_momentum is never read)
@@ -125,44 +125,7 @@ def unlearn(run):
     return model, rows, clean_acc
 
 
-# ---------------------------------------------------------------- stage 1b: neuron weight change
-
-def nwc_layers(model, skip=("shortcut", "downsample", "proj")):
-    """{parameter name: weight} of every Conv2d layer whose qualified name has no component in `skip`."""
-    skip = set(skip)
-    convs = {name: module for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
-    if not convs:
-        raise UserError(f"TSBD scores the output channels of Conv2d layers, and this model "
-                        f"({type(model).__name__}) has none")
-    layers = {f"{name}.weight": module.weight for name, module in convs.items() if not skip & set(name.split("."))}
-    if not layers:
-        raise UserError(f"every Conv2d layer of this model is skipped by --skip_layers {' '.join(sorted(skip))}")
-    return layers
-
-
-def weight_changes(original, unlearned):
-    """{name: |W_unlearned - W_original|} per weight, for the layers of `original` (a nwc_layers dict)."""
-    return {name: (unlearned[name].detach().float() - weight.detach().float()).abs()
-            for name, weight in original.items()}
-
-
-def rank_neurons(deltas):
-    """[(layer, channel, NWC)] of every output channel, NWC = sum of its weights' changes rounded to 4 decimals,
-    sorted by decreasing NWC; the stable sort keeps layer and channel order on ties."""
-    entries = []
-    for name, delta in deltas.items():
-        scores = delta.flatten(1).sum(1).double().cpu().tolist()
-        entries.extend((name, channel, round(score, 4)) for channel, score in enumerate(scores))
-    return sorted(entries, key=lambda entry: -entry[2])
-
-
-def write_nwc(path, ranking):
-    with open(path, "w") as handle:
-        handle.write("No \t Layer_Name \t Neuron_Idx \t Score \n")
-        for number, (name, channel, score) in enumerate(ranking):
-            handle.write(f"{number} \t {name} \t {channel} \t {score:.4f} \n")
-
-
+# ---------------------------------------------------------------- stage 1b: neuron weight change (utils/unlearning.py)
 # ---------------------------------------------------------------- stage 1c: zero re-initialisation
 
 def zero_reinit(model, deltas, ranking, n, m):

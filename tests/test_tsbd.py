@@ -18,6 +18,7 @@ from utils.defense_setup import parse_defense_args
 from utils.errors import UserError
 from utils.models import MODELS, build_model, load_weights
 from utils.selection import largest_accepted
+from utils.unlearning import nwc_layers, rank_neurons, weight_changes, write_nwc
 from utils.tensor_data import Augmentation, DeviceImages
 
 tsbd = load_script("defense/tsbd.py")
@@ -45,7 +46,7 @@ class Tiny(nn.Module):
 
 def test_nwc_scores_rank_all_layers_together_with_rounding_and_stable_ties():
     model = Tiny()
-    layers = tsbd.nwc_layers(model)
+    layers = nwc_layers(model)
     assert list(layers) == ["conv1.weight", "conv2.weight"]  # the shortcut conv is not scored
     unlearned = {name: weight.detach().clone() for name, weight in layers.items()}
     # conv1 channels change by 0.12344 and 0.5; conv2 by 0.12341 (ties conv1.0 after rounding), 0.0, 0.7 (= 0.3 + 0.4)
@@ -54,14 +55,14 @@ def test_nwc_scores_rank_all_layers_together_with_rounding_and_stable_ties():
     unlearned["conv2.weight"][0, 0, 0, 0] += 0.12341
     unlearned["conv2.weight"][2, 0, 0, 0] -= 0.3
     unlearned["conv2.weight"][2, 1, 0, 1] += 0.4
-    ranking = tsbd.rank_neurons(tsbd.weight_changes(layers, unlearned))
+    ranking = rank_neurons(weight_changes(layers, unlearned))
     assert [(name, channel) for name, channel, _ in ranking] == [
         ("conv2.weight", 2), ("conv1.weight", 1), ("conv1.weight", 0), ("conv2.weight", 0), ("conv2.weight", 1)]
     assert [score for _, _, score in ranking] == [0.7, 0.5, 0.1234, 0.1234, 0.0]
 
 
 def test_nwc_file_has_the_reference_columns(tmp_path):
-    tsbd.write_nwc(tmp_path / "nwc.txt", [("conv2.weight", 2, 0.7), ("conv1.weight", 0, 0.1234)])
+    write_nwc(tmp_path / "nwc.txt", [("conv2.weight", 2, 0.7), ("conv1.weight", 0, 0.1234)])
     lines = (tmp_path / "nwc.txt").read_text().splitlines()
     assert [part.strip() for part in lines[0].split("\t")] == ["No", "Layer_Name", "Neuron_Idx", "Score"]
     assert [part.strip() for part in lines[2].split("\t")] == ["1", "conv1.weight", "0", "0.1234"]
@@ -69,9 +70,9 @@ def test_nwc_file_has_the_reference_columns(tmp_path):
 
 def test_a_model_without_conv_layers_is_one_clear_error():
     with pytest.raises(UserError, match="Conv2d layers.*has none"):
-        tsbd.nwc_layers(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)))
+        nwc_layers(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)))
     with pytest.raises(UserError, match="skipped by --skip_layers"):
-        tsbd.nwc_layers(Tiny(), skip=["conv1", "conv2", "shortcut"])
+        nwc_layers(Tiny(), skip=["conv1", "conv2", "shortcut"])
 
 
 # ---------------------------------------------------------------- stage 1c
@@ -83,7 +84,7 @@ def test_zero_reinit_zeroes_the_top_changes_of_the_top_channels_only():
             p.fill_(1.0)
     deltas = {"conv1.weight": torch.tensor([0.9, 0.1]).view(2, 1, 1, 1),
               "conv2.weight": torch.tensor([0.8, 0.05, 0, 0, 0.02, 0.03, 0, 0, 0.3, 0.6, 0, 0]).view(3, 2, 1, 2)}
-    ranking = tsbd.rank_neurons(deltas)
+    ranking = rank_neurons(deltas)
     # NWC conv1: 0.9, 0.1; conv2: 0.85, 0.05, 0.9 (0.3 + 0.6 ties conv1[0] after rounding; layer order kept)
     assert [(name, channel) for name, channel, _ in ranking[:3]] == [
         ("conv1.weight", 0), ("conv2.weight", 2), ("conv2.weight", 0)]
@@ -248,11 +249,11 @@ STEP_COVERED_BY = {"resnet34": "resnet18", "resnet50": "resnet18", "vgg16": "vgg
 def test_every_registered_model_goes_through_stages_1b_1c_and_2(name):
     torch.manual_seed(0)
     model = build_model(name, 10, (32, 32, 3)).train()
-    layers = tsbd.nwc_layers(model)
+    layers = nwc_layers(model)
     assert layers and all(".shortcut." not in key and ".downsample." not in key for key in layers)
     unlearned = {key: weight.detach() + 0.01 * torch.randn_like(weight) for key, weight in layers.items()}
-    deltas = tsbd.weight_changes(layers, unlearned)
-    ranking = tsbd.rank_neurons(deltas)
+    deltas = weight_changes(layers, unlearned)
+    ranking = rank_neurons(deltas)
     assert len(ranking) == sum(weight.shape[0] for weight in layers.values())
     before = {key: value.clone() for key, value in model.state_dict().items()}
     count, zeroed = tsbd.zero_reinit(model, deltas, ranking, n=0.05, m=0.7)
@@ -275,7 +276,7 @@ def test_models_left_out_of_the_step_name_a_registered_model_that_runs_it():
 
 
 def test_preactresnet18_has_the_references_17_layers_and_3904_channels():
-    layers = tsbd.nwc_layers(build_model("preactresnet18", 10))
+    layers = nwc_layers(build_model("preactresnet18", 10))
     assert len(layers) == 17 and sum(w.shape[0] for w in layers.values()) == 3904
 
 

@@ -3,8 +3,10 @@ clean subset until the model has forgotten it, then how far each output neuron's
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch.nn as nn
 from tqdm import tqdm
 
+from utils.errors import UserError
 from utils.precision import grad_scaler
 from utils.training import gradient_ascent_objective, train_epoch
 
@@ -54,3 +56,41 @@ def neuron_weight_change(before, after):
     """L1 change of each output neuron's weights (row of a Linear, output channel of a conv): |after - before|
     summed over all but the first dimension, in float32."""
     return (after.detach().float() - before.detach().float()).abs().flatten(1).sum(1)
+
+
+# ---------------------------------------------------------------- TSBD's neuron weight change (NWC) over conv layers
+
+def nwc_layers(model, skip=("shortcut", "downsample", "proj")):
+    """{parameter name: weight} of every Conv2d layer whose qualified name has no component in `skip`."""
+    skip = set(skip)
+    convs = {name: module for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
+    if not convs:
+        raise UserError(f"TSBD scores the output channels of Conv2d layers, and this model "
+                        f"({type(model).__name__}) has none")
+    layers = {f"{name}.weight": module.weight for name, module in convs.items() if not skip & set(name.split("."))}
+    if not layers:
+        raise UserError(f"every Conv2d layer of this model is skipped by --skip_layers {' '.join(sorted(skip))}")
+    return layers
+
+
+def weight_changes(original, unlearned):
+    """{name: |W_unlearned - W_original|} per weight, for the layers of `original` (a nwc_layers dict)."""
+    return {name: (unlearned[name].detach().float() - weight.detach().float()).abs()
+            for name, weight in original.items()}
+
+
+def rank_neurons(deltas):
+    """[(layer, channel, NWC)] of every output channel, NWC = sum of its weights' changes rounded to 4 decimals,
+    sorted by decreasing NWC; the stable sort keeps layer and channel order on ties."""
+    entries = []
+    for name, delta in deltas.items():
+        scores = delta.flatten(1).sum(1).double().cpu().tolist()
+        entries.extend((name, channel, round(score, 4)) for channel, score in enumerate(scores))
+    return sorted(entries, key=lambda entry: -entry[2])
+
+
+def write_nwc(path, ranking):
+    with open(path, "w") as handle:
+        handle.write("No \t Layer_Name \t Neuron_Idx \t Score \n")
+        for number, (name, channel, score) in enumerate(ranking):
+            handle.write(f"{number} \t {name} \t {channel} \t {score:.4f} \n")
