@@ -23,6 +23,7 @@ from tqdm import tqdm
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
+from utils.model_graph import hooked_forward
 from utils.precision import autocast, grad_scaler
 from utils.training import EpochStats, TrainingRecipe, train_classifier, train_epoch
 
@@ -113,14 +114,7 @@ def deepest_stages(model, x, count):
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
-    was_training = model.training
-    try:
-        model.eval()
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    hooked_forward(model, x, handles)
     resolutions = sorted((area for area in stage_at if area > 1), reverse=True)
     return [stage_at[area] for area in resolutions[-count:]] if len(resolutions) >= count else None
 

@@ -9,6 +9,19 @@ import torch.nn as nn
 from utils.errors import UserError
 
 GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def hooked_forward(model, x, handles):
+    """One eval-mode forward pass of `x` with the hooks `handles` in place (running statistics untouched); the
+    hooks are removed and the model's mode restored afterwards, also when the pass fails."""
+    was_training = model.training
+    try:
+        model.eval()
+        return model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
 # Modules that act on each channel separately and keep the channel count: a BatchNorm after them still normalises
 # the conv's channels.
 CHANNELWISE = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Dropout,
@@ -60,18 +73,13 @@ def traced_pairs(model, img_size):
             handles.append(module.register_forward_hook(passed_through))
     parameter = next(model.parameters())
     height, width, channels = img_size
-    was_training = model.training
     try:
-        model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, channels, height, width, dtype=parameter.dtype, device=parameter.device))
+            hooked_forward(model, torch.zeros(1, channels, height, width, dtype=parameter.dtype,
+                                              device=parameter.device), handles)
     except RuntimeError as err:
         raise UserError(f"could not trace this model with one {height}x{width} image ({err}); "
                         "--pairing module_order pairs by module order instead") from None
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
     # a BatchNorm reached once, from one conv (one that is also fed by a sum or by two convs is left out)
     return [(next(iter(convs)), bn) for bn, convs in found.items() if len(convs) == 1 and None not in convs]
 
@@ -124,14 +132,7 @@ def find_prunable_channels(model, x, pool_name=None):
     handles = [pool.register_forward_pre_hook(at_pool)]
     handles += [module.register_forward_hook(at_linear(key)) for key, module in modules.items()
                 if isinstance(module, nn.Linear)]
-    was_training = model.training
-    try:
-        model.eval()
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    hooked_forward(model, x, handles)
     if seen["channels"] is None:
         raise UserError(f"FP: {name} does not receive a feature map (N, C, H, W) in this model: nothing to prune")
     if seen["linear"] is None:
