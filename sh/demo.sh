@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole story on one machine, CPU is enough: prepare CIFAR-10, build a BadNets record with the CPU training
 # recipe cut to 9 epochs (only if record/$RECORD is absent), remove the backdoor with ULRL and print before -> after.
-# 9 of the recipe's 18 epochs keep the demo within 10 minutes on 2 cores without native bfloat16.
+# 9 of the recipe's 18 epochs: about 10 minutes for the attack on 2 cores without native bfloat16 (float32), 2 for
+# ULRL (measured 12 min 9 s in all, 2026-12-03; docs/speed.md).
 #   bash sh/demo.sh                 # RECORD=badnet_cpu_demo by default
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -102,7 +102,13 @@ def test_attack_writes_a_record_our_loader_reads(tmp_path, data, name):
         attack = _inputaware(record.folder)
         cross = np.stack([np.asarray(Image.open(p)) for p in sorted(
             (record.folder / "cross_test_dataset").glob("*/*.png"), key=lambda p: int(p.stem))])
-        assert np.array_equal(cross, attack.cross(test_x)) and not np.array_equal(cross, apply(test_x))
+        assert np.array_equal(cross, attack.cross(test_x))
+        # cross differs from the image's own trigger wherever the generators' triggers differ between images; after
+        # one epoch on 60 random images they can saturate to one pattern for all (seen once in a full-suite run, not
+        # reproduced alone), and then both are equal by construction (the formula is tested in test_inputaware.py)
+        stamped = apply(test_x)
+        if len(np.unique(stamped.reshape(len(stamped), -1), axis=0)) > 1:
+            assert not np.array_equal(cross, stamped)
         state = safe_torch_load(record.folder / "netCGM.pt")
         assert set(state["netC"]) == set(record.state_dict) and state["epoch"] == 1
     if name == "wanet":

@@ -37,7 +37,7 @@ def test_ft_end_to_end_changes_the_model_and_reports(ft_run):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["defense"] == "ft" and summary["clean_samples"] == 250 and summary["eval_limit"] == EVAL_LIMIT
-    assert summary["images"]["finetune"] == 2 * 250 and summary["images"]["evaluate_before"] == 1000
+    assert summary["images"]["finetune"] == 2 * 250 and summary["images"]["evaluate_before"] == 2 * EVAL_LIMIT
     table = pd.read_csv(folder / "ft_df.csv", index_col=0)
     assert len(table) == 2 and table["test_acc"].iloc[-1] == pytest.approx(summary["after"]["test_acc"])
     assert any(line.startswith("FT: ACC") or "FT: ACC" in line for line in result.stdout.splitlines())

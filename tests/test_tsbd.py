@@ -333,7 +333,7 @@ def test_tsbd_end_to_end_writes_the_reference_outputs_and_the_summary(tsbd_run):
     assert summary["n_rule"]["heldout"] == 60 and summary["n_rule"]["candidates"][0]["n"] == 0.05
     for phase in ("unlearn", "nwc", "select_n", "stage1_test", "finetune"):
         assert summary["seconds"][phase] > 0 and phase in summary["images"]
-    assert summary["images"]["finetune"] == 2 * 3 * 300 + 1000  # 2 epochs x 3 passes + the epoch-0 evaluation
+    assert summary["images"]["finetune"] == 2 * 3 * 300 + 2 * EVAL_LIMIT  # 2 epochs x 3 passes + the epoch-0 evaluation
     assert summary["channels_scored"] == 3904 and summary["unlearning_epochs"] == 1
 
     nwc = (folder / "nwc.txt").read_text().splitlines()
