@@ -23,9 +23,8 @@ from tqdm import tqdm
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
-from utils.model_graph import hooked_forward
 from utils.precision import autocast, grad_scaler
-from utils.training import EpochStats, TrainingRecipe, train_classifier, train_epoch
+from utils.training import EpochStats, TrainingRecipe, eval_mode, train_classifier, train_epoch
 
 DEFENSE = "nad"
 AUTO = ["auto"]
@@ -114,7 +113,8 @@ def deepest_stages(model, x, count):
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
-    hooked_forward(model, x, handles)
+    with eval_mode(model, handles):
+        model(x)
     resolutions = sorted((area for area in stage_at if area > 1), reverse=True)
     return [stage_at[area] for area in resolutions[-count:]] if len(resolutions) >= count else None
 
@@ -136,13 +136,11 @@ def stage_modules(model, names, x, count):
         raise UserError(f"NAD: no module named {missing[0]!r} in this model ({type(model).__name__}); --layer_names "
                         f"takes qualified module names{hint}")
     outputs = LayerOutputs(model, names)
-    was_training = model.training
     try:
-        model.eval()
-        model(x)
+        with eval_mode(model):
+            model(x)
     finally:
         outputs.remove()
-        model.train(was_training)
     for name in names:
         output = outputs.outputs.get(name)
         if not torch.is_tensor(output) or output.dim() != 4:

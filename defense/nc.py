@@ -32,7 +32,7 @@ from utils.outliers import anomaly_index
 from utils.precision import autocast
 from utils.reporting import write_table
 from utils.tensor_data import DeviceImages
-from utils.training import EpochStats, TrainingRecipe, train_classifier
+from utils.training import EpochStats, TrainingRecipe, eval_mode, train_classifier
 from utils.triggers import to_uint8_images
 
 DEFENSE = "nc"
@@ -189,10 +189,8 @@ def reverse_engineer(model, data, num_classes, args, generator, log, amp=False):
     reached = [False] * num_classes
     batches = endless_batches(data, args.mask_batch_size, generator)
     images = 0
-    was_training = model.training
-    model.eval()
     bar = tqdm(total=args.mask_rounds, desc="nc rounds", leave=False, disable=not args.progress)
-    try:
+    with eval_mode(model), bar:  # the bar closes and the model's mode comes back, also on an error
         while active := [k for k, search in enumerate(searches) if not search.stopped]:
             index = torch.tensor(active, device=device)
             costs = torch.tensor([searches[k].cost for k in active], device=device)
@@ -228,9 +226,6 @@ def reverse_engineer(model, data, num_classes, args, generator, log, amp=False):
                              f"{'reached' if reached[k] else 'never reached'} the success threshold")
             bar.update(1)
             bar.set_postfix(active=len(active))
-    finally:
-        bar.close()
-        model.train(was_training)
     return ReversedTriggers(best_masks, best_patterns, searches, reached, images)
 
 

@@ -23,8 +23,8 @@ from utils.config import none_or_str, str2bool
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
-from utils.outliers import anomaly_index
 from utils.models import classifier_head
+from utils.outliers import anomaly_index
 from utils.reporting import write_table
 from utils.precision import autocast, grad_scaler
 from utils.training import train_epoch
@@ -67,8 +67,9 @@ def build_parser():
 def select_outliers(scores, threshold=3.5, max_neurons=2, selection="first"):
     """Neurons whose weight-change score is a high outlier by the median-absolute-deviation test.
 
-    z = |s - median| / (1.4826 MAD) (utils/outliers.py); outliers have z > threshold and s > median. `first` keeps them in ascending index order (the reference),
-    `top` by decreasing z; at most `max_neurons` are kept (0: all). Returns (selected indices, z).
+    z = |s - median| / (1.4826 MAD) (utils/outliers.py); outliers have z > threshold and s > median. `first` keeps
+    them in ascending index order (the reference), `top` by decreasing z; at most `max_neurons` are kept (0: all).
+    Returns (selected indices, z).
     """
     scores = torch.as_tensor(scores)
     median = torch.median(scores)

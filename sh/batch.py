@@ -35,7 +35,8 @@ def main(argv=None):
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage="%(prog)s --defenses NAME [NAME ...] [options] [-- defense options]")
-    parser.add_argument("--defenses", nargs="+", required=True, help="any of: " + "; ".join(f"{name} ({entry.summary})" for name, entry in DEFENSES.items()))
+    parser.add_argument("--defenses", nargs="+", required=True,
+                        help="any of: " + "; ".join(f"{name} ({entry.summary})" for name, entry in DEFENSES.items()))
     parser.add_argument("--records", nargs="+", help="record folder names (default: every record in --record_dir)")
     parser.add_argument("--record_dir", default="record", help="where the record folders are (default: record)")
     parser.add_argument("--dataset", help="passed to every defense (default: each record's own)")

@@ -114,7 +114,6 @@ def main(argv=None):
         raise UserError(f"--recipe {args.recipe}: no such file")
     out = Path(args.out or Path(args.record_dir) / "benchmark" / (args.scale + (f"_{variant}" if variant else "")))
     logs = out / "logs"
-    defenses = args.defenses
 
     leaderboard = read_leaderboard(args.leaderboard)  # a bad file stops here, before hours of training
 
@@ -125,7 +124,7 @@ def main(argv=None):
                for seed in args.seeds}
     jobs = [defense_job(d, folder.name, args.record_dir, logs, DATASET)
             for by_attack in records.values() for folder in by_attack.values()
-            if args.dry_run or (folder / "attack_result.pt").is_file() for d in defenses if d != "none"]
+            if args.dry_run or (folder / "attack_result.pt").is_file() for d in args.defenses if d != "none"]
     defense_report = run_jobs(jobs, timeout=args.timeout, slurm=slurm, dry_run=args.dry_run)
     if args.dry_run:
         return 0
@@ -134,12 +133,13 @@ def main(argv=None):
     write_report(report, logs)
 
     wall = time.perf_counter() - started
-    info = {"scale": args.scale, "recipe": args.recipe or SCALES[args.scale][0], "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-            "wall_seconds_this_invocation": wall, "attacks": args.attacks, "defenses": defenses, "seeds": args.seeds}
+    info = {"scale": args.scale, "recipe": args.recipe or SCALES[args.scale][0],
+            "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+            "wall_seconds_this_invocation": wall, "attacks": args.attacks, "defenses": args.defenses, "seeds": args.seeds}
     label = SCALES[args.scale][1] + (f", recipe {args.recipe}" if args.recipe else "")
     title = (f"Scale: {label}. CIFAR-10, all-to-one target 0, 10% poisoning, attack seeds "
              f"{' '.join(map(str, args.seeds))}; {info['date']}, {info['machine']}")
-    runs = collect_seeds(records, defenses)
+    runs = collect_seeds(records, args.defenses)
     text = write_benchmark(runs, aggregate(runs, leaderboard.verdict), leaderboard, out, title)
     (out / "benchmark.json").write_text(json.dumps(info, indent=2) + "\n")
     print(text)

@@ -7,21 +7,9 @@ import torch
 import torch.nn as nn
 
 from utils.errors import UserError
+from utils.training import eval_mode
 
 GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-
-
-def hooked_forward(model, x, handles):
-    """One eval-mode forward pass of `x` with the hooks `handles` in place (running statistics untouched); the
-    hooks are removed and the model's mode restored afterwards, also when the pass fails."""
-    was_training = model.training
-    try:
-        model.eval()
-        return model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
 # Modules that act on each channel separately and keep the channel count: a BatchNorm after them still normalises
 # the conv's channels.
 CHANNELWISE = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Dropout,
@@ -74,9 +62,8 @@ def traced_pairs(model, img_size):
     parameter = next(model.parameters())
     height, width, channels = img_size
     try:
-        with torch.no_grad():
-            hooked_forward(model, torch.zeros(1, channels, height, width, dtype=parameter.dtype,
-                                              device=parameter.device), handles)
+        with torch.no_grad(), eval_mode(model, handles):
+            model(torch.zeros(1, channels, height, width, dtype=parameter.dtype, device=parameter.device))
     except RuntimeError as err:
         raise UserError(f"could not trace this model with one {height}x{width} image ({err}); "
                         "--pairing module_order pairs by module order instead") from None
@@ -132,7 +119,8 @@ def find_prunable_channels(model, x, pool_name=None):
     handles = [pool.register_forward_pre_hook(at_pool)]
     handles += [module.register_forward_hook(at_linear(key)) for key, module in modules.items()
                 if isinstance(module, nn.Linear)]
-    hooked_forward(model, x, handles)
+    with eval_mode(model, handles):
+        model(x)
     if seen["channels"] is None:
         raise UserError(f"FP: {name} does not receive a feature map (N, C, H, W) in this model: nothing to prune")
     if seen["linear"] is None:
@@ -149,18 +137,14 @@ def check_columns_remove_channels(model, target, x):
     other per-feature reshaping lies between them); checked on `x` with every other channel removed."""
     removed = torch.arange(target.channels, device=x.device) % 2 == 0
     keep = (~removed).float().view(1, -1, 1, 1)
-    was_training = model.training
-    model.eval()
     handle = target.pool.register_forward_pre_hook(lambda _m, inputs: (inputs[0] * keep.to(inputs[0].dtype),))
-    try:
+    with eval_mode(model, [handle]):
         by_channels = model(x).float()
-    finally:
-        handle.remove()
     original = target.linear.weight.detach().clone()
     target.linear.weight[:, removed] = 0
-    by_columns = model(x).float()
+    with eval_mode(model):
+        by_columns = model(x).float()
     target.linear.weight.copy_(original)
-    model.train(was_training)
     scale = float(by_channels.abs().max()) + 1e-6
     if not torch.allclose(by_columns, by_channels, rtol=1e-3, atol=1e-4 * scale):
         raise UserError(f"FP: zeroing columns of {target.linear_name} does not remove the channels entering "
@@ -177,14 +161,8 @@ def mean_channel_activation(model, pool, data, batch_size):
         sums = inputs[0].float().mean(dim=(2, 3)).sum(dim=0)
         total = sums if total is None else total + sums
 
-    was_training = model.training
-    model.eval()
-    handle = pool.register_forward_pre_hook(record)
-    try:
+    with eval_mode(model, [pool.register_forward_pre_hook(record)]):
         for x, _ in data.batches(batch_size):
             model(x)
             count += len(x)
-    finally:
-        handle.remove()
-        model.train(was_training)
     return (total / count).cpu()

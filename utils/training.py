@@ -2,6 +2,7 @@
 the whole training run of an attack (optimizer, learning-rate schedule, epochs) from a recipe."""
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -85,22 +86,32 @@ def train_epoch(model, data, optimizer, *, batch_size, augment, generator, amp=F
     return EpochStats(loss_sum / max(batches, 1), correct / max(seen, 1), batches, seen, time.perf_counter() - start)
 
 
+@contextmanager
+def eval_mode(model, hooks=()):
+    """`model` in eval mode for the block (BatchNorm on its running statistics, which stay untouched); afterwards,
+    also when the block fails, the hook handles `hooks` are removed and the model is back in the mode it came in."""
+    was_training = model.training
+    try:
+        model.eval()
+        yield model
+    finally:
+        for handle in hooks:
+            handle.remove()
+        model.train(was_training)
+
+
 @torch.inference_mode()
 def predict(model, data, batch_size=256, progress=None):
     """Eval-mode predictions and per-batch mean losses of `data` (against its labels), in full precision:
     reported metrics must not depend on --amp (bfloat16 flips a few predictions of low-margin models). The model
     comes back in the mode it came in, so an evaluation in the middle of training (--eval_every) changes nothing."""
-    was_training = model.training
-    model.eval()
     predictions, batch_losses = [], []
-    try:
+    with eval_mode(model):
         for x, y in tqdm(data.batches(batch_size), total=-(-len(data) // batch_size), desc=progress, leave=False,
                          disable=progress is None):
             logits = model(x)
             batch_losses.append(float(F.cross_entropy(logits, y)))
             predictions.append(logits.argmax(1))
-    finally:
-        model.train(was_training)
     return torch.cat(predictions), batch_losses
 
 

@@ -52,10 +52,15 @@ def unlearn(run, model, data, rule, label="unlearning"):
     return rows, accuracy
 
 
+def weight_change(before, after):
+    """|after - before| of every weight, in float32."""
+    return (after.detach().float() - before.detach().float()).abs()
+
+
 def neuron_weight_change(before, after):
-    """L1 change of each output neuron's weights (row of a Linear, output channel of a conv): |after - before|
-    summed over all but the first dimension, in float32."""
-    return (after.detach().float() - before.detach().float()).abs().flatten(1).sum(1)
+    """L1 change of each output neuron's weights (row of a Linear, output channel of a conv): the weight change
+    summed over all but the first dimension."""
+    return weight_change(before, after).flatten(1).sum(1)
 
 
 # ---------------------------------------------------------------- TSBD's neuron weight change (NWC) over conv layers
@@ -75,8 +80,7 @@ def nwc_layers(model, skip=("shortcut", "downsample", "proj")):
 
 def weight_changes(original, unlearned):
     """{name: |W_unlearned - W_original|} per weight, for the layers of `original` (a nwc_layers dict)."""
-    return {name: (unlearned[name].detach().float() - weight.detach().float()).abs()
-            for name, weight in original.items()}
+    return {name: weight_change(weight, unlearned[name]) for name, weight in original.items()}
 
 
 def rank_neurons(deltas):
