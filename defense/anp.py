@@ -17,10 +17,10 @@ if __package__ in (None, ""):  # run as `python defense/anp.py`: make the reposi
 import torch
 import torch.nn.functional as F
 
-from utils.config import str2bool
+from utils.config import require_above, require_at_least, require_in, str2bool
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
 from utils.precision import autocast
 from utils.pruning import (BatchNormMasks, add_pruning_options, batchnorm_layers,
                            check_pruning_args, prune_by_masks, split_for_rule)
@@ -50,15 +50,10 @@ def build_parser():
 
 
 def check_args(args):
-    for name in ("nb_iter", "print_every", "anp_steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1")
-    if args.lr <= 0:
-        raise UserError("--lr must be > 0")
-    if args.anp_eps < 0:
-        raise UserError("--anp_eps must be >= 0")
-    if not 0 <= args.anp_alpha <= 1:
-        raise UserError(f"--anp_alpha must be in [0, 1], got {args.anp_alpha}")
+    require_at_least(args, 1, "nb_iter", "print_every", "anp_steps")
+    require_above(args, 0, "lr")
+    require_at_least(args, 0, "anp_eps")
+    require_in(args, "anp_alpha", "[0, 1]")
     check_pruning_args(args)
 
 

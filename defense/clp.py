@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.config import str2bool
+from utils.config import require, str2bool
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
@@ -57,10 +57,9 @@ def build_parser():
 
 
 def check_args(args):
-    if not np.isfinite(args.u):
-        raise UserError("--u must be a finite number")
-    if args.sweep and (args.u_num < 1 or not args.u_min <= args.u_max):
-        raise UserError("--sweep needs --u_num >= 1 and --u_min <= --u_max")
+    require(np.isfinite(args.u), "--u must be a finite number")
+    require(not args.sweep or (args.u_num >= 1 and args.u_min <= args.u_max),
+            "--sweep needs --u_num >= 1 and --u_min <= --u_max")
 
 
 def conv_bn_pairs(model, img_size, pairing="traced"):

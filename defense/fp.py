@@ -23,10 +23,10 @@ if __package__ in (None, ""):  # run as `python defense/fp.py`: make the reposit
 
 import torch
 
-from utils.config import none_or_str, str2bool
+from utils.config import none_or_str, require, require_at_least, require_in, str2bool
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
 from utils.model_graph import find_prunable_channels, mean_channel_activation
 from utils.pruning import candidate_amounts, split_for_rule
 from utils.selection import largest_within_tolerance
@@ -62,15 +62,11 @@ def build_parser():
 
 
 def check_args(args):
-    if args.epochs < 0:
-        raise UserError("--epochs must be >= 0")
-    if args.acc_tolerance < 0:
-        raise UserError("--acc_tolerance must be >= 0 (an absolute accuracy drop)")
-    if not 0 < args.holdout_ratio < 1:
-        raise UserError(f"--holdout_ratio must be in (0, 1), got {args.holdout_ratio}")
-    if not 0 < args.pruning_step <= args.pruning_max < 1:
-        raise UserError(f"--pruning_step and --pruning_max must satisfy 0 < step <= max < 1, got "
-                        f"{args.pruning_step} and {args.pruning_max}")
+    require_at_least(args, 0, "epochs")
+    require_at_least(args, 0, "acc_tolerance", why="an absolute accuracy drop")
+    require_in(args, "holdout_ratio", "(0, 1)")
+    require(0 < args.pruning_step <= args.pruning_max < 1, f"--pruning_step and --pruning_max must satisfy "
+            f"0 < step <= max < 1, got {args.pruning_step} and {args.pruning_max}")
 
 
 def channels_at(share, total):

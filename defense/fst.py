@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.config import none_or_str, str2bool
+from utils.config import none_or_str, require_above, require_at_least, str2bool
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
 from utils.models import classifier_head
 from utils.precision import grad_scaler
 from utils.training import train_epoch
@@ -44,12 +44,9 @@ def build_parser():
 
 
 def check_args(args):
-    if args.epochs < 0:
-        raise UserError("--epochs must be >= 0")
-    if args.lr <= 0:
-        raise UserError("--lr must be > 0")
-    if args.alpha < 0:
-        raise UserError("--alpha must be >= 0 (a negative weight would pull the head back to the backdoored one)")
+    require_at_least(args, 0, "epochs")
+    require_above(args, 0, "lr")
+    require_at_least(args, 0, "alpha", why="a negative weight would pull the head back to the backdoored one")
 
 
 def reinitialise_head(head, reinit_bias=True):

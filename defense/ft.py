@@ -11,9 +11,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python defense/ft.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.config import require_at_least
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
 from utils.training import EpochStats, TrainingRecipe, train_classifier
 
 DEFENSE = "ft"
@@ -32,8 +33,7 @@ def build_parser():
 
 
 def check_args(args):
-    if args.epochs < 0:
-        raise UserError("--epochs must be >= 0")
+    require_at_least(args, 0, "epochs")
 
 
 def defend(run):

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from utils.config import require_above, require_at_least, require_in
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
 from utils.precision import autocast
 from utils.training import EpochStats
 
@@ -47,18 +48,10 @@ def build_parser():
 
 
 def check_args(args):
-    if args.n_rounds < 0:
-        raise UserError("--n_rounds must be >= 0")
-    if args.K < 1:
-        raise UserError("--K must be >= 1")
-    for name in ("lr", "pert_lr", "fixed_point_lr"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be > 0")
-    for name in ("pert_reg", "pert_norm_bound"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be >= 0")
-    if not 0 <= args.outer_portion <= 1:
-        raise UserError(f"--outer_portion must be in [0, 1], got {args.outer_portion}")
+    require_at_least(args, 0, "n_rounds", "pert_reg", "pert_norm_bound")
+    require_at_least(args, 1, "K")
+    require_above(args, 0, "lr", "pert_lr", "fixed_point_lr")
+    require_in(args, "outer_portion", "[0, 1]")
 
 
 def project_l2(delta, bound):

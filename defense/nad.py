@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from utils.config import require, require_above, require_at_least
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
@@ -50,18 +51,11 @@ def build_parser():
 
 
 def check_args(args):
-    for name in ("epochs", "te_epochs"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be >= 0")
-    if args.lr <= 0:
-        raise UserError("--lr must be > 0")
-    if args.p <= 0:
-        raise UserError("--p must be > 0")
-    if any(beta < 0 for beta in args.betas):
-        raise UserError(f"--betas must be >= 0, got {' '.join(map(str, args.betas))}")
-    if args.layer_names != AUTO and len(args.layer_names) != len(args.betas):
-        raise UserError(f"--layer_names names {len(args.layer_names)} layers but --betas gives "
-                        f"{len(args.betas)} weights: one beta per layer")
+    require_at_least(args, 0, "epochs", "te_epochs")
+    require_above(args, 0, "lr", "p")
+    require(all(beta >= 0 for beta in args.betas), f"--betas must be >= 0, got {' '.join(map(str, args.betas))}")
+    require(args.layer_names == AUTO or len(args.layer_names) == len(args.betas), f"--layer_names names "
+            f"{len(args.layer_names)} layers but --betas gives {len(args.betas)} weights: one beta per layer")
 
 
 def attention_map(features, p):

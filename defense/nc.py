@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from utils.config import require_above, require_at_least, require_in
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
 from utils.outliers import anomaly_index
 from utils.precision import autocast
 from utils.reporting import write_table
@@ -72,23 +73,13 @@ def build_parser():
 
 
 def check_args(args):
-    for name in ("patience", "early_stop_patience", "mask_batch_size", "round_steps", "mask_rounds"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1")
-    for name in ("mask_lr", "init_cost"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be > 0")
-    if args.cost_multiplier <= 1:
-        raise UserError("--cost_multiplier must be > 1")
-    if not 0 < args.atk_succ_threshold <= 1:
-        raise UserError(f"--atk_succ_threshold must be a fraction in (0, 1] (BackdoorBench's 98.0 is 0.98), "
-                        f"got {args.atk_succ_threshold}")
-    if not 0 < args.early_stop_threshold <= 1:
-        raise UserError("--early_stop_threshold must be in (0, 1]")
-    if not 0 < args.unlearning_ratio <= 1:
-        raise UserError("--unlearning_ratio must be in (0, 1]")
-    if args.epochs < 0:
-        raise UserError("--epochs must be >= 0")
+    require_at_least(args, 1, "patience", "early_stop_patience", "mask_batch_size", "round_steps", "mask_rounds")
+    require_above(args, 0, "mask_lr", "init_cost")
+    require_above(args, 1, "cost_multiplier")
+    require_in(args, "atk_succ_threshold", "(0, 1]", why="a fraction: BackdoorBench's 98.0 is 0.98")
+    require_in(args, "early_stop_threshold", "(0, 1]")
+    require_in(args, "unlearning_ratio", "(0, 1]")
+    require_at_least(args, 0, "epochs")
 
 
 # ---------------------------------------------------------------- reverse engineering

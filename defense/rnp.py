@@ -16,9 +16,10 @@ if __package__ in (None, ""):  # run as `python defense/rnp.py`: make the reposi
 import torch
 import torch.nn.functional as F
 
+from utils.config import require_above, require_at_least, require_in
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
 from utils.pruning import (BatchNormMasks, add_pruning_options, batchnorm_layers,
                            check_pruning_args, prune_by_masks, split_for_rule)
 from utils.precision import grad_scaler
@@ -51,14 +52,9 @@ def build_parser():
 
 
 def check_args(args):
-    for name in ("unlearning_epochs", "recovering_epochs"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be >= 0")
-    for name in ("unlearning_lr", "recovering_lr", "alpha"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be > 0")
-    if not 0 <= args.clean_threshold <= 1:
-        raise UserError(f"--clean_threshold is an accuracy in [0, 1], got {args.clean_threshold}")
+    require_at_least(args, 0, "unlearning_epochs", "recovering_epochs")
+    require_above(args, 0, "unlearning_lr", "recovering_lr", "alpha")
+    require_in(args, "clean_threshold", "[0, 1]", why="an accuracy")
     check_pruning_args(args)
 
 

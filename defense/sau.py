@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.config import str2bool
+from utils.config import require_above, require_at_least, str2bool
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
 from utils.precision import autocast
 from utils.training import EpochStats
 
@@ -53,15 +53,9 @@ def build_parser():
 
 
 def check_args(args):
-    if args.n_rounds < 0:
-        raise UserError("--n_rounds must be >= 0")
-    if args.adv_steps < 0:
-        raise UserError("--adv_steps must be >= 0")
-    if args.lr <= 0:
-        raise UserError("--lr must be > 0")
-    for name in ("trigger_norm", "adv_lr", "beta_1", "beta_2", "lmd_1", "lmd_2", "lmd_3"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be >= 0")
+    require_at_least(args, 0, "n_rounds", "adv_steps")
+    require_above(args, 0, "lr")
+    require_at_least(args, 0, "trigger_norm", "adv_lr", "beta_1", "beta_2", "lmd_1", "lmd_2", "lmd_3")
 
 
 def initial_perturbation(shape, bound, init, generator, device):

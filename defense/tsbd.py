@@ -36,10 +36,10 @@ if __package__ in (None, ""):  # run as `python defense/tsbd.py`: make the repos
 import torch
 import torch.nn.functional as F
 
-from utils.config import none_or_float, str2bool
+from utils.config import none_or_float, require, require_at_least, require_in, str2bool, within
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
 from utils.models import cpu_state_dict
 from utils.precision import autocast
 from utils.reporting import write_table
@@ -84,18 +84,14 @@ def build_parser():
 
 
 def check_args(args):
-    if args.epochs < 1 or args.ft_epoch < 0 or args.select_epochs < 0:
-        raise UserError("--epochs must be >= 1, --ft_epoch and --select_epochs >= 0")
-    if args.n is not None and not 0 <= args.n <= 1:
-        raise UserError(f"--n must be in [0, 1], got {args.n}")
-    if not args.n_grid or any(not 0 < n <= 1 for n in args.n_grid):
-        raise UserError(f"--n_grid needs values in (0, 1], got {args.n_grid}")
-    if not 0 <= args.m < 1:
-        raise UserError(f"--m must be in [0, 1), got {args.m}")
-    if not 0 < args.select_holdout < 1:
-        raise UserError(f"--select_holdout must be in (0, 1), got {args.select_holdout}")
-    if args.r < 0 or not 0 <= args.alpha <= 1:
-        raise UserError(f"--r must be >= 0 and --alpha in [0, 1], got {args.r}, {args.alpha}")
+    require_at_least(args, 1, "epochs")
+    require_at_least(args, 0, "ft_epoch", "select_epochs", "r")
+    require(args.n is None or within(args.n, "[0, 1]"), f"--n must be in [0, 1], got {args.n}")
+    require(args.n_grid and all(within(n, "(0, 1]") for n in args.n_grid),
+            f"--n_grid needs values in (0, 1], got {args.n_grid}")
+    require_in(args, "m", "[0, 1)")
+    require_in(args, "select_holdout", "(0, 1)")
+    require_in(args, "alpha", "[0, 1]")
 
 
 # ---------------------------------------------------------------- stage 1a: clean unlearning

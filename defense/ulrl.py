@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.config import none_or_str, str2bool
+from utils.config import none_or_str, require_at_least, str2bool
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
@@ -183,9 +183,7 @@ def relearn(run, model, originals):
 
 
 def check_args(args):
-    for name in ("unlearning_epochs", "relearn_epochs"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be >= 0")
+    require_at_least(args, 0, "unlearning_epochs", "relearn_epochs")
 
 
 def defend(run):

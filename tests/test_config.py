@@ -3,7 +3,7 @@ import argparse
 
 import pytest
 
-from utils.config import parse_config, str2bool
+from utils.config import parse_config, require_above, require_at_least, require_in, str2bool, within
 from utils.errors import UserError
 
 
@@ -100,3 +100,23 @@ def test_two_yaml_files_merge_in_order(tmp_path):
                         yaml_options=("yaml_path", "bd_yaml_path"))
     assert (args.lr, args.name, args.init, args.milestones) == (0.3, "attack", False, [1])
     assert args.yaml_path == str(prototype) and args.bd_yaml_path == str(attack)
+
+
+@pytest.mark.parametrize("value, interval, inside", [
+    (0.0, "[0, 1]", True), (1.0, "[0, 1]", True), (0.0, "(0, 1]", False), (1.0, "[0, 1)", False),
+    (0.5, "(0, 1)", True), (0.5, "[0, 0.5)", False), (float("nan"), "[0, 1]", False)])
+def test_within_reads_the_interval_as_written(value, interval, inside):
+    assert within(value, interval) is inside
+
+
+def test_option_checks_name_the_option_and_the_rule_in_one_line():
+    args = argparse.Namespace(epochs=-1, lr=0.0, alpha=2.0, ok=3)
+    require_at_least(args, 0, "ok")
+    with pytest.raises(UserError, match=r"^--epochs must be >= 0 \(a count\)$"):
+        require_at_least(args, 0, "ok", "epochs", why="a count")
+    with pytest.raises(UserError, match=r"^--lr must be > 0$"):
+        require_above(args, 0, "lr")
+    with pytest.raises(UserError, match=r"^--alpha must be in \[0, 1\], got 2.0$"):
+        require_in(args, "alpha", "[0, 1]")
+    with pytest.raises(UserError, match="--lr"):
+        require_above(argparse.Namespace(lr=float("nan")), 0, "lr")

@@ -119,3 +119,39 @@ def parse_config(parser, argv, defaults, yaml_options=("yaml_path",)):
     for key in vars(args):
         merged.setdefault(key, None)
     return argparse.Namespace(**merged)
+
+
+def require(condition, message):
+    """End the run with `message` (one line, exit status 2, via UserError) unless `condition` holds."""
+    if not condition:
+        raise UserError(message)
+
+
+def _because(why):
+    return f" ({why})" if why else ""
+
+
+def require_at_least(args, bound, *names, why=""):
+    """Each option in `names` is >= bound ("--name must be >= bound"); NaN is rejected too."""
+    for name in names:
+        require(getattr(args, name) >= bound, f"--{name} must be >= {bound}{_because(why)}")
+
+
+def require_above(args, bound, *names, why=""):
+    """Each option in `names` is > bound ("--name must be > bound"); NaN is rejected too."""
+    for name in names:
+        require(getattr(args, name) > bound, f"--{name} must be > {bound}{_because(why)}")
+
+
+def within(value, interval):
+    """Whether `value` lies in `interval`, written as a message shows it: "[0, 1]", "(0, 1]", "[0, 0.5)"."""
+    low, high = (float(end) for end in interval[1:-1].split(","))
+    above = value > low if interval[0] == "(" else value >= low
+    below = value < high if interval[-1] == ")" else value <= high
+    return above and below
+
+
+def require_in(args, name, interval, why=""):
+    """Option `name` lies in `interval` ("--name must be in [0, 1], got 2")."""
+    value = getattr(args, name)
+    require(within(value, interval), f"--{name} must be in {interval}, got {value}{_because(why)}")

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
-from utils.config import none_or_float, str2bool
+from utils.config import none_or_float, require, require_at_least, require_in, str2bool, within
 from utils.errors import UserError
 from utils.reporting import write_table
 from utils.selection import holdout_split, largest_within_tolerance
@@ -159,8 +159,7 @@ def count_channels(channels):
 
 def candidate_amounts(by, pruning_max, pruning_step):
     """The pruning amounts 0, step, 2 step, ... up to pruning_max (thresholds, or whole numbers of channels)."""
-    if pruning_step <= 0 or pruning_max < 0:
-        raise UserError("--pruning_step must be > 0 and --pruning_max >= 0")
+    require(pruning_step > 0 and pruning_max >= 0, "--pruning_step must be > 0 and --pruning_max >= 0")
     count = int(math.floor(pruning_max / pruning_step + 1e-9))
     amounts = [round(i * pruning_step, 10) for i in range(count + 1)]
     return [int(a) for a in amounts] if by == "number" else amounts
@@ -191,22 +190,18 @@ def add_pruning_options(parser):
 
 
 def check_pruning_args(args):
-    if args.pruning_by == "number" and (args.pruning_number < 0 or args.pruning_number != int(args.pruning_number)):
-        raise UserError(f"--pruning_by number needs a whole --pruning_number >= 0 (channels to prune), "
-                        f"got {args.pruning_number}")
-    if args.pruning_by == "threshold" and not 0 <= args.pruning_number <= 1:
-        raise UserError(f"--pruning_number is a mask threshold in [0, 1] with --pruning_by threshold, "
-                        f"got {args.pruning_number}")
+    by, number = args.pruning_by, args.pruning_number
+    require(by != "number" or (number >= 0 and float(number).is_integer()),
+            f"--pruning_by number needs a whole --pruning_number >= 0 (channels to prune), got {number}")
+    require(by != "threshold" or within(number, "[0, 1]"),
+            f"--pruning_number is a mask threshold in [0, 1] with --pruning_by threshold, got {number}")
     if args.acc_tolerance is not None:
-        if args.acc_tolerance < 0:
-            raise UserError("--acc_tolerance must be >= 0 (an absolute accuracy drop)")
-        if not 0 < args.holdout_ratio < 1:
-            raise UserError(f"--holdout_ratio must be in (0, 1), got {args.holdout_ratio}")
+        require_at_least(args, 0, "acc_tolerance", why="an absolute accuracy drop")
+        require_in(args, "holdout_ratio", "(0, 1)")
     if args.acc_tolerance is not None or args.sweep:
-        candidate_amounts(args.pruning_by, args.pruning_max, args.pruning_step)
-        if args.pruning_by == "number" and (args.pruning_step != int(args.pruning_step)
-                                            or args.pruning_max != int(args.pruning_max)):
-            raise UserError("--pruning_by number needs whole --pruning_max and --pruning_step (channel counts)")
+        candidate_amounts(by, args.pruning_max, args.pruning_step)
+        require(by != "number" or (float(args.pruning_step).is_integer() and float(args.pruning_max).is_integer()),
+                "--pruning_by number needs whole --pruning_max and --pruning_step (channel counts)")
 
 
 def split_for_rule(data, args, generator):
