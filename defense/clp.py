@@ -34,6 +34,7 @@ from utils.errors import UserError, run_cli
 from utils.model_graph import module_order_pairs, traced_pairs
 from utils.pruning import prune_channels
 from utils.reporting import write_table
+from utils.selection import LabelledSweep, sweep_help
 from utils.training import accuracy
 
 DEFENSE = "clp"
@@ -48,8 +49,8 @@ def build_parser():
     add("--pairing", type=str, choices=["traced", "module_order"],
         help="pair each BatchNorm2d with the conv that feeds it (traced) or the conv before it in module order")
     add("--sweep", type=str2bool,
-        help="analysis only: also evaluate the TEST sets for u in linspace(u_min, u_max, u_num) "
-             "(u_sweep_test_metrics.csv); never used for the saved model")
+        help=sweep_help("evaluate the TEST sets for u in linspace(u_min, u_max, u_num) "
+                        "(u_sweep_test_metrics.csv)"))
     add("--u_min", type=float, help="sweep (analysis only): the smallest u")
     add("--u_max", type=float, help="sweep (analysis only): the largest u")
     add("--u_num", type=int, help="sweep (analysis only): how many u values, evenly spaced")
@@ -106,20 +107,20 @@ def prune(model, scored, u):
 
 
 def sweep(run, scored):
-    """Analysis only (uses the TEST sets): metrics of the model pruned at each u; the saved model is not touched."""
+    """Analysis only (uses the TEST sets): metrics of the model pruned at each u, into u_sweep_test_metrics.csv;
+    the saved model is not touched."""
     setup, args = run.setup, run.args
+    analysis = LabelledSweep(run, "sweep_analysis", "u_sweep_test_metrics.csv", "u")
     rows = []
     for u in np.linspace(args.u_min, args.u_max, args.u_num):
         model = setup.fresh_backdoored_model()
-        decisions = prune(model, scored, float(u))
-        metrics = run.evaluate(model)
-        run.count_images("sweep_analysis", setup.eval_sets.images() + len(setup.clean_subset))
-        rows.append({"u": float(u), "pruned_channels": sum(len(c) for c, _ in decisions.values()),
-                     "clean_subset_acc": accuracy(model, setup.clean_subset, args.eval_batch_size), **metrics,
-                     "note": "analysis only: test data, not used for the saved model"})
-        run.logger.info(f"sweep (analysis, test data) u {u:.2f}: {rows[-1]['pruned_channels']} channels pruned, "
-                        f"ACC {metrics['test_acc']:.4f}, ASR {metrics['test_asr']:.4f}, RA {metrics['test_ra']:.4f}")
-    return rows
+        pruned = sum(len(channels) for channels, _ in prune(model, scored, float(u)).values())
+        row = {"u": float(u), "pruned_channels": pruned,
+               "clean_subset_acc": accuracy(model, setup.clean_subset, args.eval_batch_size)}
+        run.count_images("sweep_analysis", len(setup.clean_subset))
+        analysis.measure(model, row, f"sweep (TEST data, analysis only) u {u:.2f}: {pruned} channels pruned")
+        rows.append({**row, "note": "analysis only: test data, not used for the saved model"})
+    analysis.write(rows)
 
 
 def defend(run):
@@ -157,7 +158,7 @@ def defend(run):
         run.logger.info("--sweep: evaluating the TEST sets for each u (analysis only; the saved model uses "
                         f"u {args.u})")
         with run.phase("sweep_analysis"):
-            write_table(sweep(run, scored), run.path / "u_sweep_test_metrics.csv")
+            sweep(run, scored)
     return model
 
 

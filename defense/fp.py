@@ -29,7 +29,7 @@ from utils.defense_setup import defense_parser
 from utils.errors import run_cli
 from utils.model_graph import find_prunable_channels, mean_channel_activation
 from utils.pruning import candidate_amounts, split_for_rule
-from utils.selection import largest_within_tolerance
+from utils.selection import LabelledSweep, largest_within_tolerance, sweep_help
 from utils.reporting import write_table
 from utils.training import EpochStats, TrainingRecipe, accuracy, train_classifier
 
@@ -50,9 +50,8 @@ def build_parser():
     add("--pruning_step", type=float, help="step of the pruned share of channels (0.01: 1%% more per step)")
     add("--pruning_max", type=float, help="largest share of channels tried")
     add("--sweep", type=str2bool,
-        help="ANALYSIS ONLY, READS THE TEST SETS: write pruning_sweep.csv with test ACC/ASR/RA of the pruned model "
-             "(before fine-tuning) at every share of the grid (BackdoorBench picks its amount this way); never "
-             "used to choose the saved model")
+        help=sweep_help("write pruning_sweep.csv with test ACC/ASR/RA of the pruned model (before fine-tuning) "
+                        "at every share of the grid (BackdoorBench picks its amount this way)"))
     add("--epochs", type=int, help="fine-tuning epochs after pruning")
     add("--lr", type=float, help="fine-tuning SGD learning rate")
     add("--sgd_momentum", type=float, help="fine-tuning SGD momentum")
@@ -89,8 +88,9 @@ def choose_amount(run, model, target, order, holdout):
     args, linear = run.args, target.linear
     original = linear.weight.detach().clone()
     rows, judging, baseline = [], True, None
+    sweep = LabelledSweep(run, "sweep", "pruning_sweep.csv", "pruned share") if args.sweep else None
     for share in candidate_amounts("share", args.pruning_max, args.pruning_step):
-        if not (judging or args.sweep):
+        if not (judging or sweep):
             break  # the rule has stopped and no sweep goes on
         count = channels_at(share, target.channels)
         if rows and count == rows[-1]["pruned_channels"]:
@@ -103,21 +103,16 @@ def choose_amount(run, model, target, order, holdout):
             run.count_images("prune", len(holdout))
             baseline = row["holdout_acc"] if baseline is None else baseline
             judging = largest_within_tolerance([share], [row["holdout_acc"]], baseline, args.acc_tolerance) is not None
-        if args.sweep:
+        if sweep:
             with run.phase("sweep"):
-                row.update(run.evaluate(model))
-            run.count_images("sweep", run.setup.eval_sets.images())
-            run.logger.info(f"sweep (TEST data, analysis only) share {share}: {count} channels pruned, test ACC "
-                            f"{row['test_acc']:.4f}, ASR {row['test_asr']:.4f}, RA {row['test_ra']:.4f}")
+                sweep.measure(model, row, f"sweep (TEST data, analysis only) share {share}: {count} channels pruned")
         rows.append(row)
     zero_columns(linear, original, [])
     judged = [row for row in rows if "holdout_acc" in row]
     share = largest_within_tolerance([row["share"] for row in judged], [row["holdout_acc"] for row in judged],
                                      baseline, args.acc_tolerance)
-    if args.sweep:
-        write_table(rows, run.path / "pruning_sweep.csv")
-        run.logger.info("--sweep: pruning_sweep.csv holds TEST-set metrics per pruned share (an analysis, like "
-                        "BackdoorBench's oracle choice); the saved model was chosen without them")
+    if sweep:
+        sweep.write(rows)
     return share, next(row["pruned_channels"] for row in judged if row["share"] == share), judged
 
 

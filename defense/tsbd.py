@@ -43,7 +43,7 @@ from utils.errors import run_cli
 from utils.models import cpu_state_dict
 from utils.precision import autocast
 from utils.reporting import write_table
-from utils.selection import holdout_split, largest_accepted
+from utils.selection import LabelledSweep, holdout_split, largest_accepted, sweep_help
 from utils.tensor_data import augment_batch
 from utils.training import EpochStats, accuracy
 from utils.unlearning import (UnlearningRule, nwc_layers, rank_neurons, unlearn as unlearn_until_forgotten,
@@ -74,8 +74,7 @@ def build_parser():
     add("--select_tolerance", type=float,
         help="n rule: accept n while held-out accuracy >= the original model's minus this")
     add("--sweep", type=str2bool,
-        help="ANALYSIS ONLY, reads the test sets: stage-1 test metrics for every n of --n_grid "
-             "(stage1_df_m<m>.csv); never used to choose the saved model")
+        help=sweep_help("stage-1 test metrics for every n of --n_grid (stage1_df_m<m>.csv)"))
     add("--ft_epoch", type=int, help="stage 2 runs ft_epoch + 1 epochs")
     add("--lr_ft", type=float, help="stage 2: fine-tuning learning rate (constant)")
     add("--r", type=float, help="stage 2: finite-difference radius per parameter tensor")
@@ -232,23 +231,20 @@ def choose_n(run, deltas, ranking):
                "epochs": args.select_epochs, "candidates": rows}
 
 
-def stage1_rows(run, deltas, ranking, n):
-    """stage1_df rows (test metrics of re-initialised models, before stage 2): the defended n, and with --sweep
+def stage1_test_metrics(run, deltas, ranking, n):
+    """stage1_df_m<m>.csv (test metrics of re-initialised models, before stage 2): the defended n, and with --sweep
     every n of the grid (analysis only: reads the test sets, chooses nothing)."""
     args = run.args
-    values = sorted(set(args.n_grid) | {n}) if args.sweep else [n]
+    analysis = LabelledSweep(run, "stage1_test", f"stage1_df_m{args.m}.csv", "n before stage 2")
     rows = []
-    for value in values:
+    for value in sorted(set(args.n_grid) | {n}) if args.sweep else [n]:
         model = run.setup.fresh_backdoored_model()
         count, zeroed = zero_reinit(model, deltas, ranking, value, args.m)
-        metrics = run.evaluate(model)
-        run.count_images("stage1_test", run.setup.eval_sets.images())
-        rows.append({"n": value, "n_number": count, "m": args.m, "reinit_weight_num": zeroed, **metrics,
-                     "defended": value == n})
-        run.logger.info(f"stage 1 (test data{', analysis only' if value != n else ''}): n {value}: {count} "
-                        f"channels, {zeroed} weights zeroed: ACC {metrics['test_acc']:.4f}, ASR "
-                        f"{metrics['test_asr']:.4f}, RA {metrics['test_ra']:.4f}")
-    return rows
+        row = {"n": value, "n_number": count, "m": args.m, "reinit_weight_num": zeroed}
+        analysis.measure(model, row, f"stage 1 (test data{', analysis only' if value != n else ''}): n {value}: "
+                                     f"{count} channels, {zeroed} weights zeroed")
+        rows.append({**row, "defended": value == n})
+    analysis.write(rows)
 
 
 # ---------------------------------------------------------------- the defense
@@ -279,8 +275,7 @@ def defend(run):
         run.summary.update(n_source="--n")
 
     with run.phase("stage1_test"):
-        stage1 = stage1_rows(run, deltas, ranking, n)
-    write_table(stage1, run.path / f"stage1_df_m{args.m}.csv")
+        stage1_test_metrics(run, deltas, ranking, n)
 
     model = setup.fresh_backdoored_model()
     count, zeroed = zero_reinit(model, deltas, ranking, n, args.m)

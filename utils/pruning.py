@@ -17,7 +17,7 @@ import torch.nn as nn
 from utils.config import none_or_float, require, require_at_least, require_in, str2bool, within
 from utils.errors import UserError
 from utils.reporting import write_table
-from utils.selection import holdout_split, largest_within_tolerance
+from utils.selection import LabelledSweep, holdout_split, largest_within_tolerance, sweep_help
 from utils.training import accuracy
 
 
@@ -182,8 +182,8 @@ def add_pruning_options(parser):
     add("--pruning_max", type=float, help="largest threshold/number on the grid of --acc_tolerance and --sweep")
     add("--pruning_step", type=float, help="step of that grid")
     add("--sweep", type=str2bool,
-        help="ANALYSIS ONLY, READS THE TEST SETS: write pruning_sweep.csv with test ACC/ASR/RA at every grid "
-             "amount (BackdoorBench picks its amount this way); never used to choose the saved model")
+        help=sweep_help("write pruning_sweep.csv with test ACC/ASR/RA at every grid amount (BackdoorBench picks "
+                        "its amount this way)"))
     add("--prune_bias", type=str2bool,
         help="also zero the pruned channels' BatchNorm shift (default false: zero the scale only, as the "
              "reference code does)")
@@ -225,6 +225,7 @@ def prune_by_masks(run, values, holdout=None):
     use_grid = args.acc_tolerance is not None or args.sweep
     grid = candidate_amounts(by, args.pruning_max, args.pruning_step) if use_grid else []
     rows = []
+    sweep = LabelledSweep(run, "sweep", "pruning_sweep.csv", "pruning amount") if args.sweep else None
     model, done = None, {}
     for value in grid:
         with run.phase("prune"):
@@ -239,17 +240,13 @@ def prune_by_masks(run, values, holdout=None):
             if holdout is not None:
                 row["holdout_acc"] = accuracy(model, holdout, args.eval_batch_size)
                 run.count_images("prune", len(holdout))
-        if args.sweep:
+        if sweep:
             with run.phase("sweep"):
-                row.update(run.evaluate(model))
-            run.count_images("sweep", run.setup.eval_sets.images())
-            log.info(f"sweep (TEST data, analysis only) {by} {value}: {row['pruned']} channels pruned, "
-                     f"test ACC {row['test_acc']:.4f}, ASR {row['test_asr']:.4f}, RA {row['test_ra']:.4f}")
+                sweep.measure(model, row, f"sweep (TEST data, analysis only) {by} {value}: {row['pruned']} "
+                                          "channels pruned")
         rows.append(row)
-    if args.sweep:
-        write_table(rows, run.path / "pruning_sweep.csv")
-        log.info("--sweep: pruning_sweep.csv holds TEST-set metrics per pruning amount (an analysis, like "
-                 "BackdoorBench's oracle choice); the saved model was chosen without them")
+    if sweep:
+        sweep.write(rows)
 
     with run.phase("prune"):
         if args.acc_tolerance is not None:
