@@ -31,7 +31,7 @@ from utils.model_graph import find_prunable_channels, mean_channel_activation
 from utils.pruning import candidate_amounts, split_for_rule
 from utils.selection import LabelledSweep, largest_within_tolerance, sweep_help
 from utils.reporting import write_table
-from utils.training import EpochStats, TrainingRecipe, accuracy, train_classifier
+from utils.training import accuracy, fine_tune
 
 DEFENSE = "fp"
 
@@ -119,24 +119,13 @@ def choose_amount(run, model, target, order, holdout):
 def finetune(run, model, linear, pruned):
     """FT's fine-tuning on the whole clean subset; a gradient mask keeps the pruned columns at zero (with zero
     gradient, SGD's momentum and weight decay leave a zero weight at zero)."""
-    recipe = TrainingRecipe.from_options({**vars(run.args), "progress": False})
     keep = torch.ones_like(linear.weight)
     keep[:, pruned] = 0
     handle = linear.weight.register_hook(lambda grad: grad * keep)
-    rows = []
-
-    def record_epoch(epoch, history_row):
-        stats = EpochStats(history_row["loss"], history_row["train_acc"], history_row["batches"],
-                           history_row["samples"], history_row["seconds"])
-        rows.append(run.epoch_row(epoch, stats, model))
-
     try:
-        history = train_classifier(model, run.setup.clean_subset, recipe, run.setup.augmentation, run.generator,
-                                   log=run.logger, after_epoch=record_epoch)
+        return fine_tune(run, model, run.setup.clean_subset, "finetune")
     finally:
         handle.remove()
-    run.count_images("finetune", sum(row["samples"] for row in history))
-    return rows
 
 
 def defend(run):

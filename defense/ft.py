@@ -15,7 +15,7 @@ from utils.config import require_at_least
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import run_cli
-from utils.training import EpochStats, TrainingRecipe, train_classifier
+from utils.training import fine_tune
 
 DEFENSE = "ft"
 
@@ -37,20 +37,9 @@ def check_args(args):
 
 
 def defend(run):
-    args, model = run.args, run.setup.model
-    recipe = TrainingRecipe.from_options({**vars(args), "progress": False})
-    rows = []
-
-    def record_epoch(epoch, history_row):
-        stats = EpochStats(history_row["loss"], history_row["train_acc"], history_row["batches"],
-                           history_row["samples"], history_row["seconds"])
-        rows.append(run.epoch_row(epoch, stats, model))
-
+    model = run.setup.model
     with run.phase("finetune"):
-        history = train_classifier(model, run.setup.clean_subset, recipe, run.setup.augmentation, run.generator,
-                                   log=run.logger, after_epoch=record_epoch)
-    run.count_images("finetune", sum(row["samples"] for row in history))
-    run.add_epoch_table("ft_df", rows)
+        run.add_epoch_table("ft_df", fine_tune(run, model, run.setup.clean_subset, "finetune"))
     return model
 
 

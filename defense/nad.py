@@ -25,7 +25,7 @@ from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
 from utils.precision import autocast, grad_scaler
-from utils.training import EpochStats, TrainingRecipe, eval_mode, train_classifier, train_epoch
+from utils.training import TrainingRecipe, eval_mode, fine_tune, train_epoch
 
 DEFENSE = "nad"
 AUTO = ["auto"]
@@ -143,25 +143,6 @@ def stage_modules(model, names, x, count):
     return list(names)
 
 
-def epoch_recorder(run, model, rows):
-    """An after_epoch for train_classifier that adds the frame's per-epoch row to `rows`."""
-    def record(epoch, history_row):
-        stats = EpochStats(history_row["loss"], history_row["train_acc"], history_row["batches"],
-                           history_row["samples"], history_row["seconds"])
-        rows.append(run.epoch_row(epoch, stats, model))
-    return record
-
-
-def train_teacher(run, teacher):
-    """Fine-tune the teacher on the clean subset for --te_epochs (FT's training run)."""
-    recipe = TrainingRecipe.from_options({**vars(run.args), "epochs": run.args.te_epochs, "progress": False})
-    rows = []
-    history = train_classifier(teacher, run.setup.clean_subset, recipe, run.setup.augmentation, run.generator,
-                               log=run.logger, after_epoch=epoch_recorder(run, teacher, rows))
-    run.count_images("teacher", sum(row["samples"] for row in history))
-    return rows
-
-
 def distil(run, student, teacher, names):
     """--epochs of SGD on CE + sum of beta * attention distance to the teacher at each named layer."""
     setup, args = run.setup, run.args
@@ -215,7 +196,9 @@ def defend(run):
     run.logger.info(f"distilled layers: {', '.join(f'{n} (beta {b:g})' for n, b in zip(names, args.betas))}")
     with run.phase("teacher"):
         teacher = setup.fresh_backdoored_model()
-        run.add_epoch_table("nad_teacher_df", train_teacher(run, teacher))
+        # the teacher: FT's training run on the clean subset for --te_epochs
+        run.add_epoch_table("nad_teacher_df", fine_tune(run, teacher, setup.clean_subset, "teacher",
+                                                        epochs=args.te_epochs))
     with run.phase("distil"):
         run.add_epoch_table("nad_df", distil(run, student, teacher, names))
     run.summary.update(nad={"layers": names, "betas": list(args.betas), "p": args.p, "te_epochs": args.te_epochs,

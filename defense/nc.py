@@ -29,12 +29,13 @@ from utils.config import require_above, require_at_least, require_in
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import run_cli
-from utils.outliers import anomaly_index
+from utils.outliers import anomaly_index, small_outliers
 from utils.precision import autocast
 from utils.reporting import write_table
+from utils.reversed_triggers import (ReversedTriggers, bounded, save_trigger_grid, stamp_normalised, stamp_pixels,
+                                     unbounded)
 from utils.tensor_data import DeviceImages
-from utils.training import EpochStats, TrainingRecipe, eval_mode, train_classifier
-from utils.triggers import to_uint8_images
+from utils.training import eval_mode, fine_tune
 
 DEFENSE = "nc"
 ADAM_BETAS = (0.5, 0.9)  # the paper's code and BackdoorBench's
@@ -84,24 +85,6 @@ def check_args(args):
 
 # ---------------------------------------------------------------- reverse engineering
 
-def bounded(raw):
-    """A free parameter -> values in (0, 1), as the paper's tanh parametrisation."""
-    return torch.tanh(raw) / 2 + 0.5
-
-
-def unbounded(values):
-    return torch.atanh((2 * values - 1).clamp(-0.999, 0.999))
-
-
-def stamp_normalised(x, masks, patterns, data):
-    """Every trigger on every image of the normalised batch x (B, C, H, W): (A * B, C, H, W), trigger-major.
-    Normalisation is affine per channel, so stamping the normalised pattern on the normalised image equals
-    normalising the stamped pixels."""
-    pattern = data.from_pixels(patterns * 255.0)
-    stamped = (1 - masks[:, None]) * x[None] + (masks * pattern)[:, None]
-    return stamped.flatten(0, 1)
-
-
 @dataclass
 class ClassSearch:
     """NC's bookkeeping for one class after each round: the best mask norm, the cost schedule and the early stop
@@ -143,19 +126,6 @@ class ClassSearch:
         if self.rounds >= args.mask_rounds:
             self.stopped = "budget"
         return improved
-
-
-@dataclass
-class ReversedTriggers:
-    masks: torch.Tensor  # (K, 1, H, W) in [0, 1]
-    patterns: torch.Tensor  # (K, C, H, W) pixels in [0, 1]
-    searches: list  # one ClassSearch per class
-    reached: list  # whether each class's trigger ever reached --atk_succ_threshold
-    images: int  # stamped images passed through the model
-
-    @property
-    def norms(self):
-        return self.masks.flatten(1).sum(1)
 
 
 def endless_batches(data, batch_size, generator):
@@ -220,23 +190,7 @@ def reverse_engineer(model, data, num_classes, args, generator, log, amp=False):
     return ReversedTriggers(best_masks, best_patterns, searches, reached, images)
 
 
-# ---------------------------------------------------------------- outlier detection
-
-def flagged_classes(norms, threshold):
-    """The classes whose mask norm is below the median with an anomaly index above `threshold`, smallest first."""
-    norms = torch.as_tensor(norms, dtype=torch.float64)
-    indices = anomaly_index(norms)
-    small = (norms < norms.median()) & (indices > threshold)
-    return sorted(small.nonzero().flatten().tolist(), key=lambda k: float(norms[k]))
-
-
 # ---------------------------------------------------------------- unlearning
-
-def stamp_pixels(images, mask, pattern):
-    """uint8 NHWC images with one trigger (mask (1, H, W), pattern (C, H, W) in [0, 1]) -> uint8 NHWC numpy."""
-    pixels = images.permute(0, 3, 1, 2).float()
-    return to_uint8_images(((1 - mask) * pixels + mask * pattern * 255.0).cpu())
-
 
 def unlearning_set(data, triggers, flagged, ratio, generator):
     """The clean subset with a random `ratio` of its images stamped with the flagged classes' reversed triggers
@@ -252,23 +206,6 @@ def unlearning_set(data, triggers, flagged, ratio, generator):
                         data.std.flatten().tolist()), count
 
 
-def unlearn(run, model, data):
-    """Fine-tune on the stamped set (the frame's training loop, one CSV row per epoch)."""
-    recipe = TrainingRecipe.from_options({**vars(run.args), "progress": False})
-    rows = []
-
-    def record_epoch(epoch, history_row):
-        stats = EpochStats(history_row["loss"], history_row["train_acc"], history_row["batches"],
-                           history_row["samples"], history_row["seconds"])
-        rows.append(run.epoch_row(epoch, stats, model))
-
-    history = train_classifier(model, data, recipe, run.setup.augmentation, run.generator, log=run.logger,
-                               after_epoch=record_epoch)
-    run.count_images("unlearn", sum(row["samples"] for row in history))
-    run.add_epoch_table("nc_df", rows)
-    return model
-
-
 # ---------------------------------------------------------------- outputs
 
 def class_table(triggers, indices, flagged):
@@ -276,32 +213,6 @@ def class_table(triggers, indices, flagged):
              "reached_threshold": triggers.reached[k], "rounds": search.rounds, "stopped": search.stopped,
              "final_cost": search.cost}
             for k, (norm, index, search) in enumerate(zip(triggers.norms, indices, triggers.searches))]
-
-
-def save_trigger_grid(triggers, flagged, path, columns=10):
-    """A PNG of every class's mask (grey) above its trigger (mask * pattern), titled with its norm."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    count = len(triggers.masks)
-    columns = min(columns, count)
-    rows = -(-count // columns)
-    figure, axes = plt.subplots(2 * rows, columns, figsize=(1.3 * columns, 2.8 * rows), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for k in range(count):
-        mask, pattern = triggers.masks[k].float().cpu().numpy(), triggers.patterns[k].float().cpu().numpy()
-        top, bottom = axes[2 * (k // columns), k % columns], axes[2 * (k // columns) + 1, k % columns]
-        top.imshow(mask[0], cmap="gray", vmin=0, vmax=1)
-        top.set_title(f"{k}: {float(mask.sum()):.1f}" + (" *" if k in flagged else ""), fontsize=7,
-                      color="red" if k in flagged else "black")
-        trigger = (mask * pattern).transpose(1, 2, 0)
-        grey = trigger.shape[-1] == 1
-        bottom.imshow(trigger[..., 0] if grey else trigger, cmap="gray" if grey else None, vmin=0, vmax=1)
-    figure.suptitle("reversed masks (top) and triggers (bottom); class: L1 norm, * flagged", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 # ---------------------------------------------------------------- the defense
@@ -316,10 +227,10 @@ def defend(run):
     run.count_images("reverse_engineer", triggers.images)
     norms = triggers.norms.tolist()
     indices = anomaly_index(torch.tensor(norms, dtype=torch.float64)).tolist()
-    flagged = flagged_classes(norms, args.anomaly_threshold)
+    flagged = small_outliers(norms, args.anomaly_threshold)
     write_table(class_table(triggers, indices, flagged), run.path / "nc_classes.csv")
     save_trigger_grid(triggers, flagged, run.path / "reversed_triggers.png")
-    torch.save({"masks": triggers.masks.cpu(), "patterns": triggers.patterns.cpu()}, run.path / "reversed_triggers.pt")
+    triggers.save(run.path / "reversed_triggers.pt")
     run.logger.info(f"reverse engineering: {seconds:.1f} s, {triggers.images} stamped images; mask norms "
                     + ", ".join(f"{k}: {norm:.2f} (index {index:.2f})" for k, (norm, index)
                                 in enumerate(zip(norms, indices))))
@@ -334,7 +245,8 @@ def defend(run):
     with run.phase("unlearn"):
         stamped, count = unlearning_set(data, triggers, flagged, args.unlearning_ratio, run.generator)
         run.summary.update(outcome=f"flagged {flagged}: unlearned", unlearning_images_stamped=count)
-        return unlearn(run, model, stamped)
+        run.add_epoch_table("nc_df", fine_tune(run, model, stamped, "unlearn"))
+    return model
 
 
 def main(argv=None):

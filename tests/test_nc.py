@@ -1,5 +1,6 @@
-"""NC (defense/nc.py): MAD anomaly index, cost schedule, stamping in normalised space, and the whole defense on a
-hand-made model whose bright bottom-right corner is a backdoor to class 0."""
+"""NC (defense/nc.py): MAD anomaly index and small outliers (utils/outliers.py), cost schedule, stamping in normalised
+space (utils/reversed_triggers.py), and the whole defense on a hand-made model whose bright bottom-right corner is a
+backdoor to class 0."""
 import json
 import logging
 import types
@@ -13,7 +14,8 @@ from helpers import load_script
 from utils.defense_run import DefenseRun
 from utils.defense_setup import parse_defense_args
 from utils.errors import UserError
-from utils.outliers import anomaly_index
+from utils.outliers import anomaly_index, small_outliers
+from utils.reversed_triggers import ReversedTriggers, stamp_normalised
 from utils.tensor_data import Augmentation, DeviceImages
 
 nc = load_script("defense/nc.py")
@@ -30,28 +32,28 @@ def test_anomaly_index_by_hand():
 
 def test_a_small_outlier_is_flagged():
     norms = [10.0, 10.5, 9.5, 10.2, 9.8, 2.0]
-    assert nc.flagged_classes(norms, 2) == [5]
+    assert small_outliers(norms, 2) == [5]
 
 
 def test_a_large_outlier_is_not_flagged():
     norms = [10.0, 10.5, 9.5, 10.2, 9.8, 30.0]
     assert anomaly_index(norms)[5] > 2
-    assert nc.flagged_classes(norms, 2) == []
+    assert small_outliers(norms, 2) == []
 
 
 def test_uniform_norms_flag_nothing():
     assert anomaly_index([5.0] * 4).tolist() == [0.0] * 4
-    assert nc.flagged_classes([5.0] * 4, 2) == []
+    assert small_outliers([5.0] * 4, 2) == []
 
 
 def test_with_zero_mad_only_the_classes_off_the_median_are_infinite():
     indices = anomaly_index([5.0, 5.0, 5.0, 1.0])
     assert indices.tolist()[:3] == [0.0] * 3 and indices[3] == float("inf")
-    assert nc.flagged_classes([5.0, 5.0, 5.0, 1.0], 2) == [3]
+    assert small_outliers([5.0, 5.0, 5.0, 1.0], 2) == [3]
 
 
 def test_several_flagged_classes_come_smallest_first():
-    assert nc.flagged_classes([10.0, 3.0, 10.2, 9.9, 10.1, 1.0, 9.8], 2) == [5, 1]
+    assert small_outliers([10.0, 3.0, 10.2, 9.9, 10.1, 1.0, 9.8], 2) == [5, 1]
 
 
 # ---------------------------------------------------------------- cost schedule
@@ -101,7 +103,7 @@ def test_stamping_the_normalised_batch_equals_normalising_the_stamped_pixels():
                         (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
     masks, patterns = torch.rand(2, 1, SIZE, SIZE), torch.rand(2, 3, SIZE, SIZE)
     x, _ = next(data.batches(5))
-    stamped = nc.stamp_normalised(x, masks, patterns, data)
+    stamped = stamp_normalised(x, masks, patterns, data)
     pixels = data.images.permute(0, 3, 1, 2).float()
     expected = torch.cat([data.from_pixels((1 - m) * pixels + m * p * 255) for m, p in zip(masks, patterns)])
     assert stamped.shape == (10, 3, SIZE, SIZE)
@@ -112,7 +114,7 @@ def test_unlearning_set_stamps_the_ratio_and_keeps_the_true_labels():
     data = _clean_data(count=40)
     masks, patterns = torch.zeros(4, 1, SIZE, SIZE), torch.ones(4, 3, SIZE, SIZE)
     masks[0, :, -2:, -2:] = 1
-    triggers = nc.ReversedTriggers(masks, patterns, [], [], 0)
+    triggers = ReversedTriggers(masks, patterns, [], [], 0)
     stamped, count = nc.unlearning_set(data, triggers, [0], 0.25, torch.Generator().manual_seed(0))
     changed = (stamped.images != data.images).flatten(1).any(1)
     assert count == 10 and int(changed.sum()) == 10

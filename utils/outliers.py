@@ -17,3 +17,11 @@ def anomaly_index(values):
     if mad == 0:
         return torch.where(deviation == 0, 0.0, math.inf).to(deviation.dtype)
     return deviation / mad
+
+
+def small_outliers(values, threshold):
+    """The indices of the values below the median whose anomaly index is above `threshold`, smallest value first
+    (NC's flagged classes: a backdoor target needs an unusually small trigger)."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    small = (values < values.median()) & (anomaly_index(values) > threshold)
+    return sorted(small.nonzero().flatten().tolist(), key=lambda k: float(values[k]))

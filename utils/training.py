@@ -267,3 +267,21 @@ def train_classifier(model, train_data, recipe, augment, generator, log=None, af
                          f"lr {lr:.4g}, {stats.seconds:.1f} s ({stats.samples / max(stats.seconds, 1e-9):.0f} img/s)"
                          + "".join(f", {key} {value:.4f}" for key, value in row.items() if key not in _EPOCH_KEYS))
     return history
+
+
+def fine_tune(run, model, data, phase, **changes):
+    """FT's training run inside a defense's frame (`run`): SGD over `data` as the run's options say (`changes`
+    over them), one frame row per epoch (test metrics on the epochs --eval_every asks for) and the images counted
+    under `phase`. Returns the epoch rows."""
+    recipe = TrainingRecipe.from_options({**vars(run.args), "progress": False, **changes})
+    rows = []
+
+    def record_epoch(epoch, history_row):
+        stats = EpochStats(history_row["loss"], history_row["train_acc"], history_row["batches"],
+                           history_row["samples"], history_row["seconds"])
+        rows.append(run.epoch_row(epoch, stats, model))
+
+    history = train_classifier(model, data, recipe, run.setup.augmentation, run.generator, log=run.logger,
+                               after_epoch=record_epoch)
+    run.count_images(phase, sum(row["samples"] for row in history))
+    return rows
