@@ -80,13 +80,15 @@ def read_cifar100(folder, train):
     return labels, images.__getitem__
 
 
-def _read_rgb(path, size):
+def read_image(path, size):
+    """The image at `path` as uint8 (H, W, C) at `size` (H, W, C): RGB, or greyscale when C is 1."""
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = image.convert("L" if size[2] == 1 else "RGB")
         if image.size != (size[1], size[0]):
             # torchvision's Resize on a PIL image is PIL's bilinear resize
             image = image.resize((size[1], size[0]), Image.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
+        pixels = np.asarray(image, dtype=np.uint8)
+        return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 def _lazy_files(paths, labels, size):
@@ -94,7 +96,7 @@ def _lazy_files(paths, labels, size):
     def read_images(indices):
         if len(indices) == 0:
             return np.zeros((0, *size), dtype=np.uint8)
-        return np.stack([_read_rgb(paths[i], size) for i in indices])
+        return np.stack([read_image(paths[i], size) for i in indices])
     return np.asarray(labels, dtype=np.int64), read_images
 
 
@@ -176,6 +178,62 @@ def read_mnist(folder, train):
     return labels, np.ascontiguousarray(images).__getitem__
 
 
+# ---------------------------------------------------------------- the user's own data: an ImageFolder-style folder
+
+IMAGE_FOLDER = "imagefolder"  # a record's clean_data for the user's own folder; its data_path is that folder
+TEST_FOLDERS = ("test", "val")
+
+
+def image_folder_classes(folder):
+    """The class names of <folder>/train, sorted as torchvision's ImageFolder sorts them (label = position)."""
+    train = Path(folder) / "train"
+    if not train.is_dir():
+        raise UserError(f"image folder {folder}: expected {train}/<class>/<image> (and test/ or val/ beside it)")
+    classes = sorted(entry.name for entry in train.iterdir() if entry.is_dir())
+    if not classes:
+        raise UserError(f"image folder {train} holds no class folders")
+    return classes
+
+
+def image_folder_test_root(folder):
+    for name in TEST_FOLDERS:
+        if (Path(folder) / name).is_dir():
+            return Path(folder) / name
+    raise UserError(f"image folder {folder}: no test/ (or val/) folder of class folders beside train/")
+
+
+def image_folder_split(folder, train, classes):
+    """(paths, labels) of one split in ImageFolder order; the test split labelled by the training split's classes,
+    so a class missing from test/ shifts no label."""
+    root = Path(folder) / "train" if train else image_folder_test_root(folder)
+    present = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    unknown = [name for name in present if name not in classes]
+    if unknown:
+        raise UserError(f"image folder {root}: class folder {unknown[0]!r} is not among the training classes "
+                        f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+    paths, labels = [], []
+    for name in present:
+        files = [p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        files.sort(key=lambda p: (str(p.parent), p.name))
+        paths.extend(files)
+        labels.extend([classes.index(name)] * len(files))
+    if not paths:
+        raise UserError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return paths, labels
+
+
+def image_folder_info(img_size, mean, std, classes, random_flip=False):
+    """A DatasetInfo for the user's own folder (<folder>/train/<class>/..., <folder>/test/<class>/...), every image
+    resized to `img_size` (H, W, C) as torchvision's Resize on a PIL image would."""
+    img_size = tuple(int(v) for v in img_size)
+
+    def read(folder, train):
+        return _lazy_files(*image_folder_split(folder, train, list(classes)), img_size)
+    return DatasetInfo(name=IMAGE_FOLDER, num_classes=len(classes), img_size=img_size, mean=tuple(mean),
+                       std=tuple(std), random_flip=random_flip, marker="train", reader=read,
+                       how_to_get="a folder holding train/<class>/<image> and test/<class>/<image>")
+
+
 def dataset_folder(name, dataset_path="data", download=False):
     """The folder holding dataset `name`: `<dataset_path>/<name>` (BackdoorBench) or `<dataset_path>` itself."""
     info = dataset_info(name)
@@ -204,9 +262,14 @@ def download_dataset(name, folder):
 class CleanSplit:
     """One split of a clean dataset: all labels in memory, images decoded on request."""
 
-    def __init__(self, name, dataset_path="data", train=True, download=False):
-        self.info = dataset_info(name)
-        self.folder = dataset_folder(name, dataset_path, download)
+    def __init__(self, name, dataset_path="data", train=True, download=False, info=None):
+        """`info`: the user's own folder (image_folder_info), read from `dataset_path` itself."""
+        self.info = info or dataset_info(name)
+        if info is not None and info.name == IMAGE_FOLDER:
+            self.folder = Path(dataset_path)
+            image_folder_classes(self.folder)  # the layout is there, or one clear error
+        else:
+            self.folder = dataset_folder(name, dataset_path, download)
         self.train = train
         with _readable(self):
             self.labels, self._read_images = self.info.reader(self.folder, train)

@@ -13,13 +13,17 @@ record/<name>/defense/<defense>/ (built aside, renamed into place when the run s
 index, evaluates before and after, saves defense_result.pt, the per-epoch CSVs/plots the algorithm registered,
 summary.json and the one-line summary (ACC, ASR, RA before -> after, DER, seconds).
 """
+import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from utils.catalog import DEFENSES
 from utils.defense_setup import parse_defense_args, prepare_defense
+from utils.model_requirements import model_check
 from utils.models import cpu_state_dict
 from utils.reporting import (OutputFolder, der, plot_epochs, save_defense_result, setup_logger, summary_line,
                              write_epoch_csvs, write_index, write_json)
@@ -73,23 +77,52 @@ class DefenseRun:
         self.logger.info(f"{label}: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
 
 
+@dataclass
+class DefenseResult:
+    """What a defense run gives back (utils.defense_run.defend_with; defense_api.py for notebooks)."""
+    model: torch.nn.Module  # the defended model, on the run's device
+    before: dict  # test metrics of the backdoored model
+    after: dict  # test metrics of the defended model
+    summary: dict  # everything summary.json holds
+    folder: Path = None  # record/<name>/defense/<defense>/, or None when nothing was kept
+
+
 def run_defense(parser, argv, defense, algorithm, check_args=None):
     """Run `algorithm(run) -> defended model` inside the standard frame for the registered `defense` (its title, as
     papers write it, heads the log and the summary line); returns the exit status 0.
     `check_args(args)` validates the defense's own options (raise UserError) before anything is loaded."""
-    title = DEFENSES.lookup(defense).title
     args = parse_defense_args(parser, argv, defense)
     if check_args is not None:
         check_args(args)
+    result = defend_with(args, defense, algorithm)
+    print(f"results in {result.folder}")
+    return 0
+
+
+def defend_with(args, defense, algorithm, keep_files=True):
+    """The run itself on parsed options; returns a DefenseResult. Without `keep_files` the outputs are written to
+    a temporary folder that is removed afterwards (the defenses write their tables as they go)."""
+    DEFENSES.lookup(defense)
     started = time.perf_counter()
-    setup = prepare_defense(args)
-    output = setup.record.folder / "defense" / defense
+    setup = prepare_defense(args, check_model=model_check(defense))  # a model it cannot handle fails here
+    if keep_files:
+        return _run_in_frame(setup, args, defense, algorithm, setup.record.folder / "defense" / defense, started)
+    with tempfile.TemporaryDirectory(prefix=f"{defense}-") as scratch:
+        result = _run_in_frame(setup, args, defense, algorithm, Path(scratch) / defense, started)
+    result.folder = None
+    return result
+
+
+def _run_in_frame(setup, args, defense, algorithm, output, started):
+    title = DEFENSES.lookup(defense).title
     with OutputFolder(output) as out:
         logger = setup_logger(out.path, defense)
         run = DefenseRun(setup, out.path, logger, defense)
         logger.info(f"{title} on {setup.record.folder} ({setup.record.model_name}, {args.dataset}) on "
                     f"{setup.device}; options: {vars(args)}")
         logger.info(setup.precision)
+        for note in setup.notes:
+            logger.info(note)
         if args.eval_limit:
             logger.info(f"--eval_limit {args.eval_limit}: test metrics come from the first {args.eval_limit} "
                         "images of each test set only (a quick check, not comparable with full evaluations)")
@@ -122,12 +155,12 @@ def run_defense(parser, argv, defense, algorithm, check_args=None):
             rate = run.images.get(phase, 0) / seconds if seconds > 0 else 0.0
             logger.info(f"phase {phase}: {seconds:.1f} s" + (f", {rate:.1f} images/s" if rate else ""))
         logger.info(f"peak memory {peak:.0f} MiB")
-        write_json(out.path / "summary.json", {
+        summary = {
             "defense": defense, "record": setup.record.name, "model": setup.record.model_name,
             "dataset": args.dataset, "device": str(setup.device), "before": before, "after": after,
             "der": der(before, after), "seconds": run.seconds, "images": run.images, "peak_memory_mib": peak,
             "clean_samples": len(setup.clean_indices), "eval_limit": args.eval_limit, **run.summary,
-        })
+        }
+        write_json(out.path / "summary.json", summary)
         logger.info(summary_line(title, before, after, run.seconds["total"]))
-    print(f"results in {output}")
-    return 0
+    return DefenseResult(model, before, after, summary, output)

@@ -1,5 +1,6 @@
 """What every defense script does before its own algorithm: options, record, data, model, clean subset."""
 import argparse
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -8,7 +9,7 @@ import numpy as np
 import torch
 
 from utils.config import REPO_ROOT, none_or_str, parse_config, read_defaults, show_defaults, str2bool
-from utils.datasets import CleanSplit, dataset_info
+from utils.datasets import IMAGE_FOLDER, CleanSplit, dataset_info, image_folder_info
 from utils.errors import UserError
 from utils.models import build_model, load_weights
 from utils.precision import amp_option, resolve_amp
@@ -17,6 +18,7 @@ from utils.reporting import read_index
 from utils.runtime import pick_device, seed_everything
 from utils.tensor_data import Augmentation, DeviceImages
 from utils.training import EvalSets, prepare_model
+from utils.user_models import build_user_model, check_outputs, convert_probabilities_to_log, is_user_model, same_model
 
 
 def defense_parser(description):
@@ -105,11 +107,76 @@ class DefenseSetup:
     eval_sets: EvalSets
     precision: str = ""  # the precision policy's choice and reason, one log line
     seconds: dict = field(default_factory=dict)
+    log_of_probabilities: bool = False  # the model outputs probabilities; a hook turns them into log-probabilities
+    notes: list = field(default_factory=list)  # one log line each: how the model is run (own model, outputs)
 
     def fresh_backdoored_model(self):
         """A new model with the original backdoored weights, on the device."""
-        model = build_model(self.record.model_name, self.record.num_classes, self.record.img_size)
-        return prepare_model(load_weights(model, self.original_state), self.device)
+        return record_model(self.record, self.original_state, self.device, self.log_of_probabilities)
+
+
+def record_model(record, state_dict, device, log_of_probabilities=False):
+    """The record's model with `state_dict`, on `device`. A registered model runs channels_last (utils.training);
+    the user's own model keeps the default memory format, since one that calls x.view fails on channels_last."""
+    if is_user_model(record.model_name):
+        model = build_user_model(record.model_name, record.num_classes, record.img_size)
+        model = load_weights(model, state_dict, f"record {record.name}").to(device)
+    else:
+        model = build_model(record.model_name, record.num_classes, record.img_size)
+        model = prepare_model(load_weights(model, state_dict, f"record {record.name}"), device)
+    if log_of_probabilities:
+        convert_probabilities_to_log(model)
+    return model
+
+
+def record_normalization(record, default=None):
+    """(mean, std) the model expects: the record's own `normalization` (records made from a user's model), else
+    `default` (the dataset's)."""
+    given = record.extra.get("normalization")
+    if given is None:
+        if default is None:
+            raise UserError(f"record {record.name}: a record of the user's own data needs its normalization field")
+        return default
+    channels = record.img_size[2] if len(record.img_size) > 2 else 3
+    try:
+        mean, std = [float(v) for v in given["mean"]], [float(v) for v in given["std"]]
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"record {record.name}: field normalization must be {{'mean': [...], 'std': [...]}}") from None
+    if len(mean) != channels or len(std) != channels or not np.all(np.isfinite(mean + std)) or min(std) <= 0:
+        raise UserError(f"record {record.name}: normalization needs {channels} finite means and positive stds, got "
+                        f"mean {mean}, std {std}")
+    return tuple(mean), tuple(std)
+
+
+def record_dataset(record, args):
+    """(dataset name, DatasetInfo, folder to read it from) of the record's clean data: a registered dataset (under
+    --dataset_path) or the user's image folder (the record's data_path), checked against --dataset."""
+    dataset = args.dataset or record.clean_data
+    if dataset != record.clean_data:
+        raise UserError(f"record {record.name} was made on {record.clean_data}, but --dataset is {dataset}")
+    if dataset != IMAGE_FOLDER:
+        info = dataset_info(dataset)
+        mean, std = record_normalization(record, (info.mean, info.std))
+        return dataset, dataclasses.replace(info, mean=mean, std=std), args.dataset_path
+    names = record.extra.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
+        raise UserError(f"record {record.name}: an image-folder record needs class_names, a list of distinct texts")
+    if len(names) != record.num_classes:
+        raise UserError(f"record {record.name}: {len(names)} class_names for num_classes {record.num_classes}")
+    mean, std = record_normalization(record)
+    return dataset, image_folder_info(record.img_size, mean, std, names), record.data_path
+
+
+def own_model_notes(record, model):
+    """Checks of a user's own model before anything else runs: it must take the record's image size and output
+    (N, num_classes) scores; rows that are probabilities are run through a log. Returns (log of probabilities?,
+    log lines)."""
+    notes = [f"own model {record.model_name}: default memory format (channels_last only for registered models)"]
+    probabilities = check_outputs(model, record.num_classes, record.img_size, f"the model of record {record.name}")
+    if probabilities:
+        notes.append("the model outputs probabilities (rows sum to 1): the defenses train and score on their "
+                     "logarithm (argmax unchanged; cross-entropy as on logits)")
+    return probabilities, notes
 
 
 def check_against_clean_split(split, clean, record_name):
@@ -130,38 +197,45 @@ def check_against_clean_split(split, clean, record_name):
     return np.where(given, split.original_labels, clean_labels)
 
 
-def prepare_defense(args):
-    """Seed, load the record, check it against --dataset/--model, build the model, draw the clean subset and
-    put it and the test sets on the device."""
+def prepare_defense(args, check_model=None):
+    """Seed, load the record, check it against --dataset/--model, build the model (and check it with
+    `check_model(model, record, args)`, before any data is read), draw the clean subset and put it and the test
+    sets on the device."""
     start = time.perf_counter()
     seed_everything(args.random_seed)
     device = pick_device(args.device)
     args.amp, precision = resolve_amp(args.amp, device)
     record = load_attack_record(args.result_file, args.record_dir, trust=args.trust_record)
-    dataset = args.dataset or record.clean_data
-    if dataset != record.clean_data:
-        raise UserError(f"record {record.name} was made on {record.clean_data}, but --dataset is {dataset}")
-    info = dataset_info(dataset)
+    dataset, info, dataset_path = record_dataset(record, args)
     if record.num_classes != info.num_classes:
         raise UserError(f"record {record.name} has num_classes {record.num_classes}, but {dataset} has "
                         f"{info.num_classes} classes")
     if tuple(record.img_size) != tuple(info.img_size):
         raise UserError(f"record {record.name} has img_size {record.img_size}, but {dataset} images are "
                         f"{info.img_size}")
-    if args.model and args.model != record.model_name:
+    own_model = is_user_model(record.model_name)
+    if own_model and not args.model:
+        # importing it runs the user's code: only when the user names it, never because a record says so
+        raise UserError(f"record {record.name} holds a model built by {record.model_name}, which runs code; to run "
+                        f"it, pass --model {record.model_name}")
+    if args.model and not same_model(args.model, record.model_name):
         raise UserError(f"--model {args.model} does not match the record's model {record.model_name}; "
-                        f"pass --model {record.model_name} (or leave it out)")
+                        f"pass --model {record.model_name}" + ("" if own_model else " (or leave it out)"))
     args.dataset, args.model = dataset, record.model_name
-    model = build_model(record.model_name, record.num_classes, record.img_size)
-    load_weights(model, record.state_dict, f"record {record.name}")
-    original_state = {key: value.clone() for key, value in model.state_dict().items()}
-    model = prepare_model(model, device)
+    model = record_model(record, record.state_dict, device)
+    original_state = {key: value.detach().to("cpu").clone() for key, value in model.state_dict().items()}
+    probabilities, notes = own_model_notes(record, model) if own_model else (False, [])
+    if probabilities:
+        convert_probabilities_to_log(model)
+    if check_model is not None:
+        check_model(model, record, args)
 
-    train = CleanSplit(dataset, args.dataset_path, train=True, download=args.download)
+    read = {"info": info} if dataset == IMAGE_FOLDER else {"download": args.download}
+    train = CleanSplit(dataset, dataset_path, train=True, **read)
     indices = clean_subset_indices(len(train), args.ratio, args.index)
     clean_subset = DeviceImages(train.images(indices), train.labels[indices], device, info.mean, info.std)
 
-    test = CleanSplit(dataset, args.dataset_path, train=False)
+    test = CleanSplit(dataset, dataset_path, train=False, **({"info": info} if dataset == IMAGE_FOLDER else {}))
     bd = record.bd_test
     original = check_against_clean_split(bd, test, record.name)
     bd_images = bd.images(info.img_size)
@@ -175,6 +249,7 @@ def prepare_defense(args):
                              original=original[limit]),
     )
     setup = DefenseSetup(args, record, device, model, original_state, list(indices), clean_subset,
-                         Augmentation(crop_padding=4, flip=info.random_flip), eval_sets, precision)
+                         Augmentation(crop_padding=4, flip=info.random_flip), eval_sets, precision,
+                         log_of_probabilities=probabilities, notes=notes)
     setup.seconds["load"] = time.perf_counter() - start
     return setup

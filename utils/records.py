@@ -180,7 +180,7 @@ def _checked_fields(raw, path):
             raise UserError(f"{path}: model weight {_short(key)} is a {type(tensor).__name__}, not a tensor")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise UserError(f"{path}: model weight {_short(key)} holds NaN or infinite values")
-    return dict(model_name=_text_field(raw, "model_name", path, 200), num_classes=num_classes,
+    return dict(model_name=_text_field(raw, "model_name", path, 1000), num_classes=num_classes,
                 state_dict=strip_module_prefix(weights), data_path=_text_field(raw, "data_path", path, 4096),
                 img_size=img_size, clean_data=_text_field(raw, "clean_data", path, 200))
 
