@@ -198,3 +198,33 @@ def test_requirements_refuse_only_what_a_defense_cannot_run(defense, pieces):
             check(view_net, record, args)
     else:
         check(view_net, record, args)
+
+
+def test_registered_dataset_and_model_with_a_poisoned_folder_in_backdoorbench_layout(tmp_path):
+    from helpers import write_synthetic_cifar10
+    from utils.defense_setup import parse_defense_args, prepare_defense
+    from utils.models import build_model
+    _, _, test_x, test_y = write_synthetic_cifar10(tmp_path / "data" / "cifar10", train_per_batch=8, test_count=20)
+    torch.manual_seed(0)
+    torch.save({"module." + key: value for key, value in build_model("airbench_cpu", 10).state_dict().items()},
+               tmp_path / "airbench.pth")  # a DataParallel checkpoint
+    poisoned = tmp_path / "poisoned"
+    assert test_y[5] == 0  # the synthetic labels cycle from 5: test image 5 is of the target class
+    for index in (3, 5, 11):  # BackdoorBench's bd_test_dataset layout: <original label>/<test index>.png
+        (poisoned / str(test_y[index])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(255 - test_x[index]).save(poisoned / str(test_y[index]) / f"{index}.png")
+    argv = ["--name", "mine", "--record_dir", str(tmp_path / "record"), "--model", "airbench_cpu", "--weights",
+            str(tmp_path / "airbench.pth"), "--mean", "0.1", "0.2", "0.3", "--std", "0.5", "--clean_data", "cifar10",
+            "--dataset_path", str(tmp_path / "data"), "--poisoned_folder", str(poisoned), "--target", "0"]
+    assert make_record.main(argv) == 0
+    record = load_attack_record(tmp_path / "record" / "mine")
+    assert record.model_name == "airbench_cpu" and record.clean_data == "cifar10" and record.data_path == "./data/cifar10"
+    assert record.bd_test.original_indices.tolist() == [3, 11]  # image 5, of the target class, left out
+    args = parse_defense_args(ft.build_parser(), ["--result_file", "mine", "--record_dir", str(tmp_path / "record"),
+                                                  "--dataset_path", str(tmp_path / "data"), "--device", "cpu"], "ft")
+    setup = prepare_defense(args)  # a registered model: no --model needed, channels_last as usual
+    assert setup.eval_sets.clean_test.mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert setup.eval_sets.bd_test.std.flatten().tolist() == pytest.approx([0.5] * 3) and not setup.notes
+    assert setup.args.dataset == "cifar10" and len(setup.eval_sets.bd_test) == 2
+    with pytest.raises(UserError, match="img_size"):
+        make_record.main(argv[:1] + ["other"] + argv[2:] + ["--img_size", "16", "16", "3"])
