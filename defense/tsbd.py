@@ -42,12 +42,11 @@ from utils.defense_setup import defense_parser
 from utils.errors import run_cli
 from utils.models import cpu_state_dict
 from utils.precision import autocast
-from utils.reporting import write_table
+from utils.reporting import save_defense_result, write_table
 from utils.selection import LabelledSweep, holdout_split, largest_accepted, sweep_help
-from utils.tensor_data import augment_batch
 from utils.training import EpochStats, accuracy
-from utils.unlearning import (UnlearningRule, nwc_layers, rank_neurons, unlearn as unlearn_until_forgotten,
-                              weight_changes, write_nwc)
+from utils.unlearning import (UnlearningRule, augmented_accuracy, nwc_layers, rank_neurons, weight_changes,
+                              unlearn as unlearn_until_forgotten, write_nwc)
 
 DEFENSE = "tsbd"
 MOMENTUM = 0.9  # both stages (the reference's SGD; its YAML's sgd_momentum is never read)
@@ -94,18 +93,6 @@ def check_args(args):
 
 
 # ---------------------------------------------------------------- stage 1a: clean unlearning
-
-def images_like(data, images, labels):
-    """A DeviceImages view holding other uint8 images/labels with `data`'s device and normalisation."""
-    view = copy.copy(data)
-    view.images, view.labels, view.extra = images, labels, {}
-    return view
-
-
-def augmented_accuracy(model, data, augmentation, generator):
-    """Eval-mode accuracy of one augmented draw of `data` (the reference's unlearning check)."""
-    return accuracy(model, images_like(data, augment_batch(data.images, augmentation, generator), data.labels))
-
 
 def unlearn(run):
     """A copy of the backdoored model trained with -CE on the clean subset (unshuffled, augmented) until its
@@ -255,8 +242,8 @@ def defend(run):
 
     with run.phase("unlearn"):
         unlearned, unlearn_rows, unlearned_acc = unlearn(run)
-    torch.save({"model_name": setup.record.model_name, "num_classes": setup.record.num_classes,
-                "model": cpu_state_dict(unlearned)}, run.path / "unlearned_model.pt")
+    save_defense_result(run.path, setup.record.model_name, setup.record.num_classes, cpu_state_dict(unlearned),
+                        "unlearned_model.pt")
     run.add_epoch_table("unlearn_df", unlearn_rows)
 
     with run.phase("nwc"):

@@ -194,9 +194,9 @@ def summary_line(defense, before, after, seconds):
     return f"{defense}: " + ", ".join(parts) + f", DER {der(before, after):.4f}, {seconds:.1f} s"
 
 
-def save_defense_result(folder, model_name, num_classes, state_dict):
-    torch.save({"model_name": model_name, "num_classes": num_classes, "model": state_dict},
-               Path(folder) / "defense_result.pt")
+def save_defense_result(folder, model_name, num_classes, state_dict, file_name="defense_result.pt"):
+    """A model in BackdoorBench's defense_result.pt layout (model_name, num_classes, model: a CPU state dict)."""
+    torch.save({"model_name": model_name, "num_classes": num_classes, "model": state_dict}, Path(folder) / file_name)
 
 
 def write_table(rows, path):

@@ -1,5 +1,6 @@
 """Clean unlearning and the neuron weight change it leaves, shared by ULRL, RNP and TSBD: gradient ascent on the
 clean subset until the model has forgotten it, then how far each output neuron's weights moved."""
+import copy
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -8,7 +9,8 @@ from tqdm import tqdm
 
 from utils.errors import UserError
 from utils.precision import grad_scaler
-from utils.training import gradient_ascent_objective, train_epoch
+from utils.tensor_data import augment_batch
+from utils.training import accuracy, gradient_ascent_objective, train_epoch
 
 
 @dataclass
@@ -24,12 +26,19 @@ class UnlearningRule:
     images_per_sample: int = 1  # images the phase processes per training sample (a check pass doubles it)
 
 
+def augmented_accuracy(model, data, augmentation, generator):
+    """Eval-mode accuracy of one augmented draw of `data` (TSBD's reference checks its unlearning this way)."""
+    view = copy.copy(data)  # the same device and normalisation, other images
+    view.images, view.extra = augment_batch(data.images, augmentation, generator), {}
+    return accuracy(model, view)
+
+
 def unlearn(run, model, data, rule, label="unlearning"):
     """Gradient ascent on `data` with `rule`, counted as phase "unlearn" and logged one line per epoch; the last
     epoch is the first whose accuracy is <= rule.threshold. Returns (epoch rows, last accuracy)."""
     args = run.args
     scaler = grad_scaler(run.device, args.amp)
-    rows, accuracy = [], None
+    rows, epoch_accuracy = [], None
     epochs = tqdm(range(rule.max_epochs), desc=label, disable=not getattr(args, "progress", False), leave=False)
     for epoch in epochs:
         stats = train_epoch(model, data, rule.optimizer, batch_size=args.batch_size, augment=run.setup.augmentation,
@@ -37,19 +46,20 @@ def unlearn(run, model, data, rule, label="unlearning"):
                             grad_clip=rule.grad_clip, shuffle=rule.shuffle)
         if rule.scheduler is not None:
             rule.scheduler.step()
-        accuracy = stats.acc if rule.accuracy is None else rule.accuracy(model, stats)
+        epoch_accuracy = stats.acc if rule.accuracy is None else rule.accuracy(model, stats)
         run.count_images("unlearn", rule.images_per_sample * stats.samples)
         rows.append(run.epoch_row(epoch, stats, model))
-        epochs.set_postfix(acc=f"{accuracy:.3f}")
-        run.logger.info(f"{label} epoch {epoch}: clean-subset loss {stats.loss:.4f}, accuracy {accuracy:.4f} "
-                        f"({stats.seconds:.1f} s)")
-        if accuracy <= rule.threshold:
-            run.logger.info(f"{label} stopped after epoch {epoch}: accuracy {accuracy:.4f} <= {rule.threshold}")
+        epochs.set_postfix(acc=f"{epoch_accuracy:.3f}")
+        run.logger.info(f"{label} epoch {epoch}: clean-subset loss {stats.loss:.4f}, accuracy "
+                        f"{epoch_accuracy:.4f} ({stats.seconds:.1f} s)")
+        if epoch_accuracy <= rule.threshold:
+            run.logger.info(f"{label} stopped after epoch {epoch}: accuracy {epoch_accuracy:.4f} <= "
+                            f"{rule.threshold}")
             break
     else:
         run.logger.info(f"{label} ran all {rule.max_epochs} epochs without reaching accuracy <= {rule.threshold}")
     epochs.close()  # an early stop leaves the bar open (frozen at its last epoch) otherwise
-    return rows, accuracy
+    return rows, epoch_accuracy
 
 
 def weight_change(before, after):
