@@ -1,12 +1,15 @@
 """Attack recipes for every registered dataset (config/attack/prototype/<dataset>.yaml, BackdoorBench's GPU recipe,
 and <dataset>_cpu.yaml), each run at a toy size: one BadNets epoch on the dataset's test fixture writes a record that
-reads back at the dataset's image size and class count."""
+reads back at the dataset's image size and class count. And every defense has config/defense/<name>/<dataset>.yaml for
+every registered dataset, holding only options of that defense."""
 import pytest
 
 from helpers import load_script
 from test_datasets import write_fixture
+from utils.catalog import DEFENSES
 from utils.config import read_yaml
 from utils.datasets import DATASETS
+from utils.defense_setup import parse_defense_args
 from utils.records import load_attack_record
 
 badnet = load_script("attack/badnet.py")
@@ -42,3 +45,15 @@ def test_recipe_runs_at_toy_size(name, kind, data, tmp_path):
     assert record.clean_data == name and record.img_size == info.img_size and record.num_classes == info.num_classes
     assert record.model_name == read_yaml(f"config/attack/prototype/{name}{kind}.yaml")["model"]
     assert len(record.bd_test) > 0
+
+
+@pytest.mark.parametrize("defense", sorted(DEFENSES))
+def test_every_defense_has_a_config_per_dataset_holding_only_its_options(defense):
+    parser = load_script(f"defense/{defense}.py").build_parser()
+    options = {action.dest for action in parser._actions}
+    for name in DATASETS:
+        path = f"config/defense/{defense}/{name}.yaml"
+        unknown = set(read_yaml(path)) - options
+        assert not unknown, f"{path}: {unknown} are not options of {defense}"
+        args = parse_defense_args(parser, ["--result_file", "x", "--yaml_path", path], defense)
+        assert args.yaml_path == path
