@@ -228,3 +228,16 @@ def test_registered_dataset_and_model_with_a_poisoned_folder_in_backdoorbench_la
     assert setup.args.dataset == "cifar10" and len(setup.eval_sets.bd_test) == 2
     with pytest.raises(UserError, match="img_size"):
         make_record.main(argv[:1] + ["other"] + argv[2:] + ["--img_size", "16", "16", "3"])
+
+
+def test_a_model_calling_view_gets_contiguous_input_from_the_channels_last_batches(pieces):
+    import importlib.util
+
+    from utils.user_models import build_user_model
+    spec = importlib.util.spec_from_file_location("tiny_nets_raw", pieces / "tiny_nets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x = torch.randn(2, 3, 16, 16).to(memory_format=torch.channels_last)  # as utils.tensor_data batches are
+    with pytest.raises(RuntimeError, match="view"):
+        module.ViewNet(3)(x)
+    assert build_user_model(f"{pieces / 'tiny_nets.py'}:view_net", 3, (16, 16, 3))(x).shape == (2, 3)

@@ -11,7 +11,7 @@ import torch
 from utils.config import REPO_ROOT, none_or_str, parse_config, read_defaults, show_defaults, str2bool
 from utils.datasets import IMAGE_FOLDER, CleanSplit, dataset_info, image_folder_info
 from utils.errors import UserError
-from utils.models import build_model, load_weights
+from utils.models import build_model, cpu_state_dict, load_weights
 from utils.precision import amp_option, resolve_amp
 from utils.records import load_attack_record
 from utils.reporting import read_index
@@ -167,12 +167,14 @@ def record_dataset(record, args):
     return dataset, image_folder_info(record.img_size, mean, std, names), record.data_path
 
 
-def own_model_notes(record, model):
-    """Checks of a user's own model before anything else runs: it must take the record's image size and output
-    (N, num_classes) scores; rows that are probabilities are run through a log. Returns (log of probabilities?,
-    log lines)."""
-    notes = [f"own model {record.model_name}: default memory format (channels_last only for registered models)"]
+def checked_model_notes(record, model, own_model):
+    """One forward pass of a probe batch before anything else runs, for the user's own model or a registered one on
+    an image folder (any image size): it must take the record's image size and output (N, num_classes) finite scores;
+    an own model's rows that are probabilities are run through a log. Returns (log of probabilities?, log lines)."""
     probabilities = check_outputs(model, record.num_classes, record.img_size, f"the model of record {record.name}")
+    if not own_model:
+        return False, []
+    notes = [f"own model {record.model_name}: default memory format (channels_last only for registered models)"]
     if probabilities:
         notes.append("the model outputs probabilities (rows sum to 1): the defenses train and score on their "
                      "logarithm (argmax unchanged; cross-entropy as on logits)")
@@ -223,8 +225,10 @@ def prepare_defense(args, check_model=None):
                         f"pass --model {record.model_name}" + ("" if own_model else " (or leave it out)"))
     args.dataset, args.model = dataset, record.model_name
     model = record_model(record, record.state_dict, device)
-    original_state = {key: value.detach().to("cpu").clone() for key, value in model.state_dict().items()}
-    probabilities, notes = own_model_notes(record, model) if own_model else (False, [])
+    original_state = cpu_state_dict(model)
+    probabilities, notes = False, []
+    if own_model or dataset == IMAGE_FOLDER:
+        probabilities, notes = checked_model_notes(record, model, own_model)
     if probabilities:
         convert_probabilities_to_log(model)
     if check_model is not None:
