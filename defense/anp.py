@@ -91,6 +91,7 @@ def optimise_masks(run, model, masks, data):
     model.requires_grad_(False)  # only the masks (and the perturbation) get gradients
     optimizer = torch.optim.SGD(masks.parameters(), lr=args.lr, momentum=args.sgd_momentum)
     robust = args.anp_eps > 0
+    passes = 1 + args.anp_steps + 1 if robust else 1  # forward passes per sample: perturbation, robust, natural
     rows, loss_sum, correct, seen, batches, start = [], 0.0, 0, 0, 0, time.perf_counter()
     for iteration in range(args.nb_iter):
         x, y = sample_batch(data, args.batch_size, run.setup.augmentation, run.generator)
@@ -107,15 +108,14 @@ def optimise_masks(run, model, masks, data):
             mask.grad = grad
         optimizer.step()
         masks.clip_()
-        run.count_images("mask", len(y) * ((1 + args.anp_steps + 1) if robust else 1))  # forward passes
         loss_sum += float(loss.detach())
         correct += int((logits.detach().argmax(1) == y).sum())
         seen, batches = seen + len(y), batches + 1
         if (iteration + 1) % args.print_every == 0 or iteration + 1 == args.nb_iter:
             stats = EpochStats(loss_sum / batches, correct / seen, batches, seen, time.perf_counter() - start)
-            rows.append(run.epoch_row(len(rows), stats, model))
-            run.logger.info(f"mask iterations {iteration + 1 - batches}-{iteration + 1}: loss {stats.loss:.4f}, "
-                            f"natural train acc {stats.acc:.4f} ({stats.seconds:.1f} s)")
+            run.end_epoch(rows, "mask", len(rows), stats, model, f"mask iterations {iteration + 1 - batches}-"
+                          f"{iteration + 1}: loss {stats.loss:.4f}, natural train acc {stats.acc:.4f} "
+                          f"({stats.seconds:.1f} s)", images=stats.samples * passes)
             loss_sum, correct, seen, batches, start = 0.0, 0, 0, 0, time.perf_counter()
     return rows
 

@@ -93,11 +93,10 @@ def tune(run, model, head, original):
                             augment=setup.augmentation, generator=run.generator, amp=args.amp, scaler=scaler,
                             objective=objective, after_step=lambda _x, _y: project_norm(head.weight, norm))
         scheduler.step()
-        run.count_images("finetune", stats.samples)
-        rows.append(run.epoch_row(epoch, stats, model))
         epochs.set_postfix(train_acc=f"{stats.acc:.3f}")
-        run.logger.info(f"epoch {epoch}: clean-subset CE {stats.loss:.4f}, train acc {stats.acc:.4f}, "
-                        f"cos(head, original head) {cosine(head.weight, original):.4f} ({stats.seconds:.1f} s)")
+        run.end_epoch(rows, "finetune", epoch, stats, model, f"epoch {epoch}: clean-subset CE {stats.loss:.4f}, "
+                      f"train acc {stats.acc:.4f}, cos(head, original head) {cosine(head.weight, original):.4f} "
+                      f"({stats.seconds:.1f} s)")
     return rows
 
 

@@ -176,14 +176,13 @@ def defend(run):
             fooled_before = fooling_rate(model, batches, delta)
             stats = unlearn(model, optimizer, batches, delta, args, run.generator)
             fooled_after = fooling_rate(model, batches, delta)
-            run.count_images("unlearn", len(data) + stats.samples)  # perturbation pass + unlearning pass
-            rows.append(run.epoch_row(round_, stats, model))
             norms.append(float(delta.norm()))
             rates.append(fooled_after)
-            run.logger.info(f"round {round_ + 1}/{args.n_rounds}: perturbation L2 {raw_norm:.3f} "
-                            f"(projected {norms[-1]:.3f}), fools {fooled_before:.4f} of the clean subset before "
-                            f"unlearning, {fooled_after:.4f} after; outer CE {stats.loss:.4f}, train acc "
-                            f"{stats.acc:.4f} ({stats.seconds:.1f} s)")
+            run.end_epoch(rows, "unlearn", round_, stats, model, f"round {round_ + 1}/{args.n_rounds}: perturbation "
+                          f"L2 {raw_norm:.3f} (projected {norms[-1]:.3f}), fools {fooled_before:.4f} of the clean "
+                          f"subset before unlearning, {fooled_after:.4f} after; outer CE {stats.loss:.4f}, train acc "
+                          f"{stats.acc:.4f} ({stats.seconds:.1f} s)",
+                          images=len(data) + stats.samples)  # perturbation pass + unlearning pass
     run.add_epoch_table("ibau_df", rows)
     run.summary.update(perturbation_l2=norms, fooling_rate_after_round=rates)
     return model

@@ -177,11 +177,10 @@ def distil(run, student, teacher, names):
                                 augment=setup.augmentation, generator=run.generator, amp=args.amp,
                                 scaler=scaler, objective=objective,
                                 after_step=lambda _x, _y: schedule.step(), batch_transform=teacher_pass)
-            run.count_images("distil", stats.samples)
-            rows.append(run.epoch_row(epoch, stats, student))
-            run.logger.info(f"epoch {epoch + 1}/{args.epochs}: loss {stats.loss:.4f} (CE "
-                            f"{parts['ce'] / stats.batches:.4f}, attention {parts['attention'] / stats.batches:.4f}), "
-                            f"train_acc {stats.acc:.4f} ({stats.seconds:.1f} s)")
+            run.end_epoch(rows, "distil", epoch, stats, student, f"epoch {epoch + 1}/{args.epochs}: loss "
+                          f"{stats.loss:.4f} (CE {parts['ce'] / stats.batches:.4f}, attention "
+                          f"{parts['attention'] / stats.batches:.4f}), train_acc {stats.acc:.4f} "
+                          f"({stats.seconds:.1f} s)")
     finally:
         student_out.remove()
         teacher_out.remove()

@@ -86,10 +86,8 @@ def recover(run, model, masks, data):
         stats = train_epoch(model, data, optimizer, batch_size=args.batch_size, augment=run.setup.augmentation,
                             generator=run.generator, amp=args.amp, scaler=scaler, objective=weighted_cross_entropy,
                             after_step=lambda x, y: masks.clip_())
-        run.count_images("recover", stats.samples)
-        rows.append(run.epoch_row(epoch, stats, model))
-        run.logger.info(f"recovering epoch {epoch}: loss {stats.loss:.4f}, train acc {stats.acc:.4f} "
-                        f"({stats.seconds:.1f} s)")
+        run.end_epoch(rows, "recover", epoch, stats, model, f"recovering epoch {epoch}: loss {stats.loss:.4f}, "
+                      f"train acc {stats.acc:.4f} ({stats.seconds:.1f} s)")
     return rows
 
 

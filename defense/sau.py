@@ -174,12 +174,11 @@ def defend(run):
     with run.phase("unlearn"):
         for epoch in tqdm(range(args.n_rounds), desc="sau", disable=not args.progress, leave=False):
             stats, means = unlearn_epoch(run, model, reference, optimizer)
-            run.count_images("unlearn", stats.samples)
-            rows.append(run.epoch_row(epoch, stats, model))
-            run.logger.info(f"epoch {epoch + 1}/{args.n_rounds}: loss {stats.loss:.4f} (clean CE "
-                            f"{means['clean']:.4f}, adversarial CE {means['adversarial']:.4f}, shared "
-                            f"{means['shared']:.4f}), backdoored model fooled on {means['fooled_ref']:.4f} of the "
-                            f"examples, clean train acc {stats.acc:.4f} ({stats.seconds:.1f} s)")
+            run.end_epoch(rows, "unlearn", epoch, stats, model, f"epoch {epoch + 1}/{args.n_rounds}: loss "
+                          f"{stats.loss:.4f} (clean CE {means['clean']:.4f}, adversarial CE "
+                          f"{means['adversarial']:.4f}, shared {means['shared']:.4f}), backdoored model fooled on "
+                          f"{means['fooled_ref']:.4f} of the examples, clean train acc {stats.acc:.4f} "
+                          f"({stats.seconds:.1f} s)")
     run.add_epoch_table("sau_df", rows)
     return model
 

@@ -273,12 +273,9 @@ def defend(run):
     rows = []
 
     def record_epoch(epoch, stats):
-        evaluate = epoch % EVAL_EVERY == 0 and epoch != args.ft_epoch  # the frame evaluates the last epoch
-        rows.append(run.epoch_row(epoch, stats, model, force_eval=evaluate))
-        run.count_images("finetune", 3 * stats.samples + (setup.eval_sets.images() if evaluate else 0))
-        run.logger.info(f"stage 2 epoch {epoch}: loss {stats.loss:.4f}, train acc {stats.acc:.4f} "
-                        f"({stats.seconds:.1f} s)" + "".join(f", {key} {value:.4f}" for key, value in rows[-1].items()
-                                                             if key.startswith("test_")))
+        run.end_epoch(rows, "finetune", epoch, stats, model, f"stage 2 epoch {epoch}: loss {stats.loss:.4f}, train "
+                      f"acc {stats.acc:.4f} ({stats.seconds:.1f} s)", images=3 * stats.samples,  # 3 passes a step
+                      force_eval=epoch % EVAL_EVERY == 0 and epoch != args.ft_epoch)  # the frame evaluates the last
 
     with run.phase("finetune"):
         finetune(model, setup.clean_subset, args, setup.augmentation, run.generator, args.ft_epoch + 1, record_epoch)

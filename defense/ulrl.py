@@ -174,11 +174,10 @@ def relearn(run, model, originals):
                             augment=setup.augmentation, generator=run.generator, amp=args.amp, scaler=scaler,
                             objective=penalised_loss, after_step=extra_forward if args.extra_bn_update else None)
         scheduler.step()
-        run.count_images("relearn", stats.samples * (2 if args.extra_bn_update else 1))
-        rows.append(run.epoch_row(epoch, stats, model))
         epochs.set_postfix(train_acc=f"{stats.acc:.3f}")
-        run.logger.info(f"relearning epoch {epoch}: loss {stats.loss:.4f}, train acc {stats.acc:.4f} "
-                        f"({stats.seconds:.1f} s)")
+        run.end_epoch(rows, "relearn", epoch, stats, model, f"relearning epoch {epoch}: loss {stats.loss:.4f}, "
+                      f"train acc {stats.acc:.4f} ({stats.seconds:.1f} s)",
+                      images=stats.samples * (2 if args.extra_bn_update else 1))
     return rows
 
 

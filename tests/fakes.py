@@ -7,6 +7,7 @@ import types
 import torch
 import torch.nn as nn
 
+from utils.defense_run import DefenseRun
 from utils.tensor_data import Augmentation, DeviceImages
 
 
@@ -50,11 +51,14 @@ def fake_run(defaults, **options):
     by `options`), augmentation, a seeded generator, a logger; images counted per phase in .counted."""
     counted = {}
     args = types.SimpleNamespace(**{**defaults, "amp": False, "batch_size": 8, "eval_every": 0, **options})
-    return types.SimpleNamespace(
+    run = types.SimpleNamespace(
         args=args, setup=types.SimpleNamespace(augmentation=Augmentation(crop_padding=1, flip=True)),
         device=torch.device("cpu"), generator=torch.Generator().manual_seed(0), logger=logging.getLogger("test"),
         counted=counted, count_images=lambda phase, count: counted.update({phase: counted.get(phase, 0) + count}),
-        epoch_row=lambda epoch, stats, model: {"epoch": epoch, "batch": stats.batches, "train_acc": stats.acc})
+        epoch_row=lambda epoch, stats, model, force_eval=False: {"epoch": epoch, "batch": stats.batches,
+                                                                 "train_acc": stats.acc})
+    run.end_epoch = types.MethodType(DefenseRun.end_epoch, run)  # the frame's own bookkeeping over these stand-ins
+    return run
 
 
 def fake_record(root, name, metrics=None, defenses=None):

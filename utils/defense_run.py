@@ -69,6 +69,19 @@ class DefenseRun:
             row.update(self.evaluate(model))
         return row
 
+    def end_epoch(self, rows, phase, epoch, stats, model, message=None, images=None, force_eval=False):
+        """An epoch's bookkeeping in one call: its row (test metrics on the epochs --eval_every asks for, or with
+        force_eval) appended to `rows`; the images it processed (`images`, default stats.samples) counted under
+        `phase`, with the test images when it was evaluated; `message` logged with the test metrics appended."""
+        row = self.epoch_row(epoch, stats, model, force_eval)
+        rows.append(row)
+        tested = {key: value for key, value in row.items() if key.startswith("test_")}
+        self.count_images(phase, (stats.samples if images is None else images)
+                          + (self.setup.eval_sets.images() if tested else 0))
+        if message is not None:
+            self.logger.info(message + "".join(f", {key} {value:.4f}" for key, value in tested.items()))
+        return row
+
     def add_epoch_table(self, stem, rows):
         """Rows written as <stem>.csv, <stem>_summary.csv and plots at the end of the run."""
         self.epoch_tables[stem] = rows

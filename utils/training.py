@@ -279,9 +279,8 @@ def fine_tune(run, model, data, phase, **changes):
     def record_epoch(epoch, history_row):
         stats = EpochStats(history_row["loss"], history_row["train_acc"], history_row["batches"],
                            history_row["samples"], history_row["seconds"])
-        rows.append(run.epoch_row(epoch, stats, model))
+        run.end_epoch(rows, phase, epoch, stats, model)  # train_classifier logs the epoch
 
-    history = train_classifier(model, data, recipe, run.setup.augmentation, run.generator, log=run.logger,
-                               after_epoch=record_epoch)
-    run.count_images(phase, sum(row["samples"] for row in history))
+    train_classifier(model, data, recipe, run.setup.augmentation, run.generator, log=run.logger,
+                     after_epoch=record_epoch)
     return rows

@@ -47,11 +47,10 @@ def unlearn(run, model, data, rule, label="unlearning"):
         if rule.scheduler is not None:
             rule.scheduler.step()
         epoch_accuracy = stats.acc if rule.accuracy is None else rule.accuracy(model, stats)
-        run.count_images("unlearn", rule.images_per_sample * stats.samples)
-        rows.append(run.epoch_row(epoch, stats, model))
         epochs.set_postfix(acc=f"{epoch_accuracy:.3f}")
-        run.logger.info(f"{label} epoch {epoch}: clean-subset loss {stats.loss:.4f}, accuracy "
-                        f"{epoch_accuracy:.4f} ({stats.seconds:.1f} s)")
+        run.end_epoch(rows, "unlearn", epoch, stats, model, f"{label} epoch {epoch}: clean-subset loss "
+                      f"{stats.loss:.4f}, accuracy {epoch_accuracy:.4f} ({stats.seconds:.1f} s)",
+                      images=rule.images_per_sample * stats.samples)
         if epoch_accuracy <= rule.threshold:
             run.logger.info(f"{label} stopped after epoch {epoch}: accuracy {epoch_accuracy:.4f} <= "
                             f"{rule.threshold}")
