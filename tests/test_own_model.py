@@ -1,6 +1,7 @@
 """A user's own model, data and trigger, end to end (sh/make_record.py -> defenses): tiny models made here (one that
 calls x.view and has no BatchNorm, one with a softmax at the output), a tiny image folder, a registered trigger."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -241,3 +242,17 @@ def test_a_model_calling_view_gets_contiguous_input_from_the_channels_last_batch
     with pytest.raises(RuntimeError, match="view"):
         module.ViewNet(3)(x)
     assert build_user_model(f"{pieces / 'tiny_nets.py'}:view_net", 3, (16, 16, 3))(x).shape == (2, 3)
+
+
+def test_module_constructor_is_imported_from_the_working_folder(pieces, monkeypatch):
+    monkeypatch.chdir(pieces)
+    monkeypatch.delitem(sys.modules, "tiny_nets", raising=False)
+    try:
+        folder = build(pieces, "dotted", "tiny_nets:view_net", "view.pth", "--trigger", "badnet")
+        assert load_attack_record(folder).model_name == "tiny_nets:view_net"
+        assert ft.main(defense_argv(pieces, "dotted", "tiny_nets:view_net", "--epochs", "1")) == 0
+    finally:
+        sys.modules.pop("tiny_nets", None)
+    monkeypatch.chdir(pieces / "images")
+    with pytest.raises(UserError, match="cannot import tiny_nets"):
+        ft.main(defense_argv(pieces, "dotted", "tiny_nets:view_net", "--epochs", "0"))

@@ -11,9 +11,12 @@ Such models get no channels_last (a model that calls `x.view` fails on it) and a
 contiguous, since the device batches are channels_last in memory; outputs that are already probabilities (rows
 summing to 1) are turned into log-probabilities by a forward hook, so argmax and cross-entropy behave.
 """
+import contextlib
 import importlib
 import importlib.util
 import inspect
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -67,16 +70,31 @@ def _import_constructor(spec):
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(module_name)
+            with _working_folder_importable():
+                module = importlib.import_module(module_name)
     except UserError:
         raise
     except Exception as err:  # the user's module failing to import can raise anything
         raise UserError(f"cannot import {module_name} for the model constructor {spec}: {type(err).__name__}: "
-                        f"{summarise_error(err)} (is its folder on PYTHONPATH?)") from None
+                        f"{summarise_error(err)} (run from its folder, or put that folder on PYTHONPATH)") from None
     constructor = getattr(module, function, None)
     if not callable(constructor):
         raise UserError(f"{module_name} has no function or class {function} (model constructor {spec})")
     return constructor
+
+
+@contextlib.contextmanager
+def _working_folder_importable():
+    """`python defense/x.py` puts defense/ on sys.path, not the folder the user runs it from, where their module
+    usually is: that folder is searched too (last) while the constructor's module is imported."""
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.append(os.getcwd())
+    try:
+        yield
+    finally:
+        if added and os.getcwd() in sys.path:
+            sys.path.remove(os.getcwd())
 
 
 def _call_constructor(constructor, spec, num_classes, img_size):
