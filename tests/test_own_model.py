@@ -177,7 +177,8 @@ def test_every_defense_states_what_it_needs_of_a_model():
     assert set(MODEL_REQUIREMENTS) == set(DEFENSES)
 
 
-REFUSE_VIEW_NET = {"clp": "BatchNorm2d", "anp": "BatchNorm", "rnp": "BatchNorm", "fp": "global pooling"}
+REFUSE_VIEW_NET = {"clp": "BatchNorm2d", "anp": "BatchNorm", "rnp": "BatchNorm", "fp": "global pooling",
+                   "nad": "needs 3 feature-map resolutions above 1x1 and this model .ViewNet. has 1"}
 
 
 @pytest.mark.parametrize("defense", sorted(MODEL_REQUIREMENTS))
@@ -190,7 +191,7 @@ def test_requirements_refuse_only_what_a_defense_cannot_run(defense, pieces):
     if check is None:
         return
     args = SimpleNamespace(pairing="traced", skip_layers=["shortcut"], scope="head", linear_name=None,
-                           pool_name=None)
+                           pool_name=None, layer_names=["auto"], betas=[500.0, 1000.0, 1000.0])
     check(build_model("airbench_cpu", 10), SimpleNamespace(img_size=(32, 32, 3), num_classes=10), args)
     view_net = build_user_model(f"{pieces / 'tiny_nets.py'}:view_net", 3, (16, 16, 3))
     record = SimpleNamespace(img_size=(16, 16, 3), num_classes=3)
@@ -199,6 +200,20 @@ def test_requirements_refuse_only_what_a_defense_cannot_run(defense, pieces):
             check(view_net, record, args)
     else:
         check(view_net, record, args)
+
+
+def test_nad_layers_named_on_the_command_line_must_be_feature_maps_of_the_model(pieces):
+    from types import SimpleNamespace
+
+    from utils.user_models import build_user_model
+    view_net = build_user_model(f"{pieces / 'tiny_nets.py'}:view_net", 3, (16, 16, 3))
+    record = SimpleNamespace(img_size=(16, 16, 3), num_classes=3)
+    check = MODEL_REQUIREMENTS["nad"]
+    check(view_net, record, SimpleNamespace(layer_names=["conv"], betas=[500.0]))
+    with pytest.raises(UserError, match="no module named 'layer2'"):
+        check(view_net, record, SimpleNamespace(layer_names=["layer2"], betas=[500.0]))
+    with pytest.raises(UserError, match="layer fc does not output a feature map"):
+        check(view_net, record, SimpleNamespace(layer_names=["fc"], betas=[500.0]))
 
 
 def test_registered_dataset_and_model_with_a_poisoned_folder_in_backdoorbench_layout(tmp_path):

@@ -14,6 +14,7 @@ from utils.errors import UserError
 from utils.model_graph import find_prunable_channels, traced_pairs
 from utils.models import classifier_head
 from utils.pruning import batchnorm_layers
+from utils.training import eval_mode
 from utils.unlearning import nwc_layers
 from utils.user_models import probe_batch
 
@@ -64,8 +65,42 @@ def check_fp(model, record, args):
         find_prunable_channels(model, _probe(model, record), getattr(args, "pool_name", None))
 
 
+@torch.no_grad()
+def feature_map_outputs(model, x):
+    """{module name: output shape} of every module that outputs a 4-D feature map on one eval-mode pass of `x`."""
+    shapes = {}
+
+    def hook(name):
+        def record(_module, _inputs, output):
+            if torch.is_tensor(output) and output.dim() == 4:
+                shapes.setdefault(name, tuple(output.shape))
+        return record
+    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
+    with eval_mode(model, handles):
+        model(x)
+    return shapes
+
+
 def check_nad(model, record, args):
+    """The layers NAD distils: named ones must exist and output feature maps; `auto` needs at least as many
+    feature-map resolutions above 1x1 as there are betas (the defense's own rule then picks the stages)."""
     _needs_conv(model, "NAD", "distils the attention of feature maps")
+    names, count = getattr(args, "layer_names", ["auto"]), len(getattr(args, "betas", []) or [])
+    shapes = feature_map_outputs(model, _probe(model, record))
+    if names == ["auto"]:
+        resolutions = {shape[-2:] for shape in shapes.values() if shape[-2] * shape[-1] > 1}
+        if len(resolutions) < count:
+            raise UserError(f"NAD: --layer_names auto needs {count} feature-map resolutions above 1x1 and this model "
+                            f"({type(model).__name__}) has {len(resolutions)}; name the layers with --layer_names "
+                            "(and as many --betas)")
+        return
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules or not name:
+            raise UserError(f"NAD: no module named {name!r} in this model ({type(model).__name__}); --layer_names "
+                            "takes qualified module names, or auto")
+        if name not in shapes:
+            raise UserError(f"NAD: layer {name} does not output a feature map (N, C, H, W) in this model")
 
 
 MODEL_REQUIREMENTS = {
