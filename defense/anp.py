@@ -8,7 +8,6 @@ scale and shift (found by one sign-gradient ascent step); prune the channels who
     python defense/anp.py --result_file badnet_0_1 --yaml_path config/defense/anp/cifar10.yaml --dataset cifar10
 """
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python defense/anp.py`: make the repository root importable
@@ -25,7 +24,7 @@ from utils.precision import autocast
 from utils.pruning import (BatchNormMasks, add_pruning_options, batchnorm_layers,
                            check_pruning_args, prune_by_masks, split_for_rule)
 from utils.tensor_data import augment_batch
-from utils.training import EpochStats
+from utils.training import EpochTally
 
 DEFENSE = "anp"
 
@@ -92,7 +91,7 @@ def optimise_masks(run, model, masks, data):
     optimizer = torch.optim.SGD(masks.parameters(), lr=args.lr, momentum=args.sgd_momentum)
     robust = args.anp_eps > 0
     passes = 1 + args.anp_steps + 1 if robust else 1  # forward passes per sample: perturbation, robust, natural
-    rows, loss_sum, correct, seen, batches, start = [], 0.0, 0, 0, 0, time.perf_counter()
+    rows, tally = [], EpochTally()
     for iteration in range(args.nb_iter):
         x, y = sample_batch(data, args.batch_size, run.setup.augmentation, run.generator)
         loss_robust = 0.0
@@ -108,15 +107,13 @@ def optimise_masks(run, model, masks, data):
             mask.grad = grad
         optimizer.step()
         masks.clip_()
-        loss_sum += float(loss.detach())
-        correct += int((logits.detach().argmax(1) == y).sum())
-        seen, batches = seen + len(y), batches + 1
+        tally.add(loss, logits, y)
         if (iteration + 1) % args.print_every == 0 or iteration + 1 == args.nb_iter:
-            stats = EpochStats(loss_sum / batches, correct / seen, batches, seen, time.perf_counter() - start)
-            run.end_epoch(rows, "mask", len(rows), stats, model, f"mask iterations {iteration + 1 - batches}-"
+            stats = tally.stats()
+            run.end_epoch(rows, "mask", len(rows), stats, model, f"mask iterations {iteration + 1 - stats.batches}-"
                           f"{iteration + 1}: loss {stats.loss:.4f}, natural train acc {stats.acc:.4f} "
                           f"({stats.seconds:.1f} s)", images=stats.samples * passes)
-            loss_sum, correct, seen, batches, start = 0.0, 0, 0, 0, time.perf_counter()
+            tally = EpochTally()
     return rows
 
 

@@ -9,7 +9,6 @@ product approximated by K fixed-point iterations of the inner problem's gradient
     python defense/ibau.py --result_file badnet_0_1 --yaml_path config/defense/ibau/cifar10.yaml --dataset cifar10
 """
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python defense/ibau.py`: make the repository root importable
@@ -24,7 +23,7 @@ from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import run_cli
 from utils.precision import autocast
-from utils.training import EpochStats
+from utils.training import EpochTally
 
 DEFENSE = "ibau"
 
@@ -126,8 +125,7 @@ def unlearn(model, optimizer, batches, delta, args, generator):
     def inner_loss(d):
         return inner_objective(model, inner_x, inner_y, d, args.pert_reg, args.amp)
 
-    loss_sum, correct, seen = 0.0, 0, 0
-    start = time.perf_counter()
+    tally = EpochTally()
     for x, y in batches:
         mask = patch_mask(len(y), args.outer_portion, generator, x.device)
         last = {}  # the outer pass's logits and loss, for the epoch statistics
@@ -144,11 +142,8 @@ def unlearn(model, optimizer, batches, delta, args, generator):
         for p, g in zip(params, grads):
             p.grad = g.to(p.dtype)
         optimizer.step()
-        loss_sum += float(last["loss"])
-        correct += int((last["logits"].argmax(1) == y).sum())
-        seen += len(y)
-    return EpochStats(loss_sum / max(len(batches), 1), correct / max(seen, 1), len(batches), seen,
-                      time.perf_counter() - start)
+        tally.add(last["loss"], last["logits"], y)
+    return tally.stats()
 
 
 @torch.no_grad()

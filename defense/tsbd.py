@@ -27,7 +27,6 @@ reads the test sets and is never used to choose the saved model.
 """
 import copy
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python defense/tsbd.py`: make the repository root importable
@@ -44,14 +43,13 @@ from utils.models import cpu_state_dict
 from utils.precision import autocast
 from utils.reporting import save_defense_result, write_table
 from utils.selection import LabelledSweep, holdout_split, largest_accepted, sweep_help
-from utils.training import EpochStats, accuracy
+from utils.training import EpochTally, accuracy
 from utils.unlearning import (UnlearningRule, augmented_accuracy, nwc_layers, rank_neurons, weight_changes,
                               unlearn as unlearn_until_forgotten, write_nwc)
 
 DEFENSE = "tsbd"
 MOMENTUM = 0.9  # both stages (the reference's SGD; its YAML's sgd_momentum is never read)
 EVAL_EVERY = 10  # stage 2 evaluates the test sets after epochs 0, 10, 20 (the reference)
-
 
 
 def build_parser():
@@ -173,17 +171,14 @@ def finetune(model, data, args, augmentation, generator, epochs, after_epoch=Non
     temp = copy.deepcopy(model).train()
     for epoch in range(epochs):
         model.train()  # after_epoch may have evaluated it
-        loss_sum, correct, batches, start = 0.0, 0, 0, time.perf_counter()
+        tally = EpochTally()
         for x, y in data.batches(args.batch_size, augment=augmentation, generator=generator):
             activeness_aware_step(model, temp, optimizer, x, y, args.r, args.alpha, args.amp)
             with torch.no_grad(), autocast(x.device, args.amp, unscaled=True):
                 logits = model(x)
-            loss_sum += float(F.cross_entropy(logits.float(), y))
-            correct += int((logits.argmax(1) == y).sum())
-            batches += 1
+            tally.add(F.cross_entropy(logits.float(), y), logits, y)
         if after_epoch is not None:
-            after_epoch(epoch, EpochStats(loss_sum / max(batches, 1), correct / max(len(data), 1), batches,
-                                          len(data), time.perf_counter() - start))
+            after_epoch(epoch, tally.stats())
     return model
 
 

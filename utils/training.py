@@ -31,6 +31,25 @@ class EpochStats:
     seconds: float
 
 
+class EpochTally:
+    """The running sums behind an EpochStats, for loops that take their own steps: add(loss, logits, labels) per
+    batch; stats() at the end (seconds since the tally began)."""
+
+    def __init__(self):
+        self.loss_sum, self.correct, self.samples, self.batches = 0.0, 0, 0, 0
+        self.start = time.perf_counter()
+
+    def add(self, loss, logits, labels):
+        self.loss_sum += float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        self.correct += int((logits.detach().argmax(1) == labels).sum())
+        self.samples += len(labels)
+        self.batches += 1
+
+    def stats(self):
+        return EpochStats(self.loss_sum / max(self.batches, 1), self.correct / max(self.samples, 1), self.batches,
+                          self.samples, time.perf_counter() - self.start)
+
+
 def cross_entropy_objective(logits, labels, model):
     """The plain training objective: (loss to minimise, loss to log)."""
     loss = F.cross_entropy(logits, labels)
@@ -55,8 +74,7 @@ def train_epoch(model, data, optimizer, *, batch_size, augment, generator, amp=F
     """
     model.train()
     device = data.device
-    loss_sum, correct, seen, batches = 0.0, 0, 0, 0
-    start = time.perf_counter()
+    tally = EpochTally()
     for x, y in tqdm(data.batches(batch_size, shuffle=shuffle, augment=augment, generator=generator),
                      total=-(-len(data) // batch_size), desc=progress, leave=False, disable=progress is None):
         if batch_transform is not None:
@@ -79,11 +97,8 @@ def train_epoch(model, data, optimizer, *, batch_size, augment, generator, amp=F
             optimizer.step()
         if after_step is not None:
             after_step(x, y)
-        loss_sum += float(logged.detach())
-        correct += int((logits.detach().argmax(1) == y).sum())
-        seen += len(y)
-        batches += 1
-    return EpochStats(loss_sum / max(batches, 1), correct / max(seen, 1), batches, seen, time.perf_counter() - start)
+        tally.add(logged, logits, y)
+    return tally.stats()
 
 
 @contextmanager
@@ -279,7 +294,9 @@ def fine_tune(run, model, data, phase, **changes):
     def record_epoch(epoch, history_row):
         stats = EpochStats(history_row["loss"], history_row["train_acc"], history_row["batches"],
                            history_row["samples"], history_row["seconds"])
-        run.end_epoch(rows, phase, epoch, stats, model)  # train_classifier logs the epoch
+        row = run.end_epoch(rows, phase, epoch, stats, model)
+        # train_classifier logs the epoch, with the test metrics an evaluated epoch got
+        history_row.update({key: value for key, value in row.items() if key.startswith("test_")})
 
     train_classifier(model, data, recipe, run.setup.augmentation, run.generator, log=run.logger,
                      after_epoch=record_epoch)
