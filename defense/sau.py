@@ -11,7 +11,6 @@ the current model away from the label the backdoored model gives the adversarial
     python defense/sau.py --result_file badnet_0_1 --yaml_path config/defense/sau/cifar10.yaml --dataset cifar10
 """
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python defense/sau.py`: make the repository root importable
@@ -26,7 +25,7 @@ from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import run_cli
 from utils.precision import autocast
-from utils.training import EpochStats
+from utils.training import EpochTally
 
 DEFENSE = "sau"
 PGD_INITS = ("max", "min", "zero", "random")
@@ -142,8 +141,7 @@ def unlearning_objective(terms, args):
 def unlearn_epoch(run, model, reference, optimizer):
     """One pass over the shuffled clean subset (no augmentation, as the reference): attack, then one Adam step."""
     data, args = run.setup.clean_subset, run.args
-    sums = {"loss": 0.0, "clean": 0.0, "adversarial": 0.0, "shared": 0.0, "fooled_ref": 0.0}
-    correct, seen, batches, start = 0, 0, 0, time.perf_counter()
+    sums, tally = {"clean": 0.0, "adversarial": 0.0, "shared": 0.0, "fooled_ref": 0.0}, EpochTally()
     for x, y in data.batches(args.batch_size, shuffle=True, generator=run.generator):
         with torch.no_grad(), autocast(x.device, args.amp, unscaled=True):
             clean_ref = reference(x).argmax(1)  # the frozen model's clean predictions, used by both steps
@@ -156,13 +154,10 @@ def unlearn_epoch(run, model, reference, optimizer):
         optimizer.step()
         for key, value in terms.items():
             sums[key] += value.item()
-        sums["loss"] += loss.item()
         sums["fooled_ref"] += fooled_ref
-        correct += int((logits.argmax(1) == y).sum())
-        seen, batches = seen + len(y), batches + 1
-    means = {key: value / max(batches, 1) for key, value in sums.items()}
-    stats = EpochStats(means["loss"], correct / max(seen, 1), batches, seen, time.perf_counter() - start)
-    return stats, means
+        tally.add(loss, logits, y)
+    stats = tally.stats()
+    return stats, {key: value / max(stats.batches, 1) for key, value in sums.items()}
 
 
 def defend(run):

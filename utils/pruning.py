@@ -216,8 +216,9 @@ def prune_by_masks(run, values, holdout=None):
     """Prune a fresh copy of the backdoored model by the mask values {layer: tensor} and return it; the decision
     goes to run.summary["pruning"], every channel's mask and fate to mask_values.csv. The amount is
     --pruning_number, or with --acc_tolerance the largest grid amount whose held-out clean accuracy stays within
-    the tolerance of the unpruned model's (none within it: nothing is pruned). --sweep also evaluates the test sets at every grid amount
-    into pruning_sweep.csv, an analysis the saved model does not depend on. Timed as phases prune and sweep."""
+    the tolerance of the unpruned model's (none within it: nothing is pruned). --sweep also evaluates the test
+    sets at every grid amount into pruning_sweep.csv (utils/selection.LabelledSweep), an analysis the saved model
+    does not depend on. Timed as phases prune and sweep."""
     args, log = run.args, run.logger
     by = args.pruning_by
     decision = {"pruning_by": by, "rule": "fixed", "prune_bias": args.prune_bias}
