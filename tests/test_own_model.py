@@ -271,3 +271,21 @@ def test_module_constructor_is_imported_from_the_working_folder(pieces, monkeypa
     monkeypatch.chdir(pieces / "images")
     with pytest.raises(UserError, match="cannot import tiny_nets"):
         ft.main(defense_argv(pieces, "dotted", "tiny_nets:view_net", "--epochs", "0"))
+
+
+@pytest.mark.parametrize("defense", sorted(DEFENSES))
+def test_every_defense_runs_on_a_plain_cnn_or_refuses_before_evaluating(defense, view_record, pieces, monkeypatch):
+    """The issue's case: a CNN without BatchNorm or global pooling that calls view, at its YAML defaults."""
+    import utils.defense_run as frame
+    folder, spec = view_record
+    calls = []
+    evaluate = frame.evaluate
+    monkeypatch.setattr(frame, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    script = load_script(f"defense/{defense}.py")
+    try:
+        assert script.main(defense_argv(pieces, "view", spec, "--yaml_path",
+                                        f"config/defense/{defense}/config.yaml")) == 0
+    except UserError:
+        assert defense in {"anp", "rnp", "clp", "fp", "nad"} and not calls
+        return
+    assert len(calls) >= 2 and (folder / "defense" / defense / "summary.json").is_file()  # before, after (+ tables)
