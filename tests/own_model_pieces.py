@@ -61,3 +61,35 @@ def write_own_model_pieces(root):
     return root
 
 
+
+
+def train_view_net(root, backdoor, mean=0.5, std=0.25, epochs=60, seed=0):
+    """A ViewNet trained on the image folder (normalised with mean/std) and, with `backdoor`, on BadNets-stamped
+    copies of every training image labelled 0 as well; its state_dict is saved as backdoored.pth or clean.pth."""
+    import importlib.util
+
+    from utils.triggers import TRIGGERS
+    spec = importlib.util.spec_from_file_location("tiny_nets_training", root / "tiny_nets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    images, labels = [], []
+    for label, name in enumerate(CLASSES):
+        for path in sorted((root / "images" / "train" / name).iterdir()):
+            images.append(np.asarray(Image.open(path)))
+            labels.append(label)
+    images, labels = np.stack(images), np.array(labels)
+    if backdoor:
+        images = np.concatenate([images, TRIGGERS["badnet"].apply(images)])
+        labels = np.concatenate([labels, np.zeros_like(labels)])
+    x = ((torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std).contiguous()
+    y = torch.from_numpy(labels)
+    torch.manual_seed(seed)
+    model = module.ViewNet(len(CLASSES))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    path = root / ("backdoored.pth" if backdoor else "clean.pth")
+    torch.save(model.state_dict(), path)
+    return path

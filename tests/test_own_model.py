@@ -289,3 +289,26 @@ def test_every_defense_runs_on_a_plain_cnn_or_refuses_before_evaluating(defense,
         assert defense in {"anp", "rnp", "clp", "fp", "nad"} and not calls
         return
     assert len(calls) >= 2 and (folder / "defense" / defense / "summary.json").is_file()  # before, after (+ tables)
+
+
+@pytest.mark.parametrize("backdoor", [True, False])
+def test_a_trained_model_is_measured_as_it_was_trained(backdoor, pieces):
+    """A backdoored ViewNet (trained here with the BadNets trigger on target 0) shows its backdoor through the record,
+    a clean one does not: the record's trigger, normalisation and image order are the ones the model learnt with."""
+    from own_model_pieces import train_view_net
+    weights = train_view_net(pieces, backdoor)
+    name = "trained_backdoored" if backdoor else "trained_clean"
+    spec = f"{pieces / 'tiny_nets.py'}:view_net"
+    build(pieces, name, spec, weights.name, "--trigger", "badnet")
+    assert ft.main(defense_argv(pieces, name, spec, "--epochs", "1")) == 0
+    before = json.loads((pieces / "record" / name / "defense" / "ft" / "summary.json").read_text())["before"]
+    assert before["test_acc"] >= 0.9
+    assert before["test_asr"] >= 0.9 if backdoor else before["test_asr"] <= 0.2
+    if backdoor:  # the same weights under a wrong normalisation: the record's is what the defense uses
+        argv = ["--name", "wrong_mean", "--record_dir", str(pieces / "record"), "--model", spec, "--weights",
+                str(weights), "--mean", "0", "--std", "0.25", "--clean_data", str(pieces / "images"), "--trigger",
+                "badnet", "--target", "0"]
+        assert make_record.main(argv) == 0
+        assert ft.main(defense_argv(pieces, "wrong_mean", spec, "--epochs", "1")) == 0
+        summary = json.loads((pieces / "record" / "wrong_mean" / "defense" / "ft" / "summary.json").read_text())
+        assert summary["before"]["test_acc"] <= 0.5
