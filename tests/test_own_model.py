@@ -312,3 +312,17 @@ def test_a_trained_model_is_measured_as_it_was_trained(backdoor, pieces):
         assert ft.main(defense_argv(pieces, "wrong_mean", spec, "--epochs", "1")) == 0
         summary = json.loads((pieces / "record" / "wrong_mean" / "defense" / "ft" / "summary.json").read_text())
         assert summary["before"]["test_acc"] <= 0.5
+
+
+def test_an_image_folder_record_whose_folder_is_gone_is_one_clear_error(view_record, pieces, tmp_path):
+    import shutil
+    folder, spec = view_record
+    copy = tmp_path / "record" / "moved"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("defense"))
+    from utils.safe_pickle import safe_torch_load
+    result = safe_torch_load(copy / "attack_result.pt")
+    torch.save({**result, "data_path": str(tmp_path / "gone")}, copy / "attack_result.pt")
+    argv = defense_argv(pieces, "moved", spec, "--epochs", "1")
+    argv[argv.index("--record_dir") + 1] = str(tmp_path / "record")
+    with pytest.raises(UserError, match="reads its clean images from the folder .*gone, which is not there"):
+        ft.main(argv)

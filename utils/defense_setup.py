@@ -4,6 +4,7 @@ import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -164,6 +165,9 @@ def record_dataset(record, args):
     if len(names) != record.num_classes:
         raise UserError(f"record {record.name}: {len(names)} class_names for num_classes {record.num_classes}")
     mean, std = record_normalization(record)
+    if not Path(record.data_path).is_dir():
+        raise UserError(f"record {record.name} reads its clean images from the folder {record.data_path}, which is "
+                        "not there; make the record again with sh/make_record.py where the images are")
     return dataset, image_folder_info(record.img_size, mean, std, names), record.data_path
 
 
