@@ -20,8 +20,9 @@ from utils.user_models import probe_batch
 
 
 def _probe(model, record):
-    parameter = next(iter(model.parameters()))
-    return probe_batch(record.img_size, count=2).to(device=parameter.device, dtype=parameter.dtype)
+    parameter = next(iter(model.parameters()), None)
+    x = probe_batch(record.img_size, count=2)
+    return x if parameter is None else x.to(device=parameter.device, dtype=parameter.dtype)
 
 
 def _needs_conv(model, title, why):
