@@ -88,6 +88,9 @@ def main(argv=None):
         trust_model_file=args.trust_model_file, clean_data=args.clean_data, mean=args.mean, std=args.std,
         img_size=args.img_size, trigger_name=args.trigger, poisoned_folder=args.poisoned_folder, target=args.target,
         dataset_path=args.dataset_path)
+    if not args.defenses:
+        print(f"defend it with: python defense/<defense>.py --result_file {args.name} --record_dir {args.record_dir} "
+              f"--model {spec}")
     failed = []
     for defense in args.defenses:
         command = defense_command(defense, args, spec, extra)

@@ -127,7 +127,9 @@ def test_poisoned_folder_matched_by_name_and_the_target_class_left_out(pieces, c
                    "--poisoned_folder", str(poisoned))
     record = load_attack_record(folder)
     assert record.bd_test.original_indices.tolist() == [7, 10, 13, 16] and set(record.bd_test.bd_labels) == {0}
-    assert "left out 2 poisoned images of the target class 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "left out 2 poisoned images of the target class 0" in out
+    assert f"--result_file from_folder --record_dir {pieces / 'record'} --model {pieces / 'tiny_nets.py'}:view_net" in out
     inverted = 255 - np.asarray(Image.open(pieces / "images" / "test" / "bee" / "img1.png"))
     assert np.array_equal(record.bd_test.images((16, 16, 3))[0], inverted)
 
