@@ -23,6 +23,7 @@ if str(REPO_ROOT) not in sys.path:  # the defense scripts import utils from the 
     sys.path.insert(0, str(REPO_ROOT))
 
 from utils.catalog import DEFENSES  # noqa: E402
+from utils.config import read_yaml  # noqa: E402
 from utils.defense_run import DefenseResult, defend_with  # noqa: E402
 from utils.defense_setup import parse_defense_args  # noqa: E402
 from utils.own_record import make_own_record  # noqa: E402
@@ -52,17 +53,24 @@ def option_argv(options):
     return argv
 
 
-def load_record(record, record_dir="record", trust=False):
+def _default(path, key):
+    """A default from the YAML the command line reads it from (defaults live in YAML only)."""
+    return read_yaml(REPO_ROOT / path)[key]
+
+
+def load_record(record, record_dir=None, trust=False):
     """An attack record (a folder name under record_dir, or a folder path), read without running code."""
+    record_dir = record_dir or _default("config/defense/common.yaml", "record_dir")
     return load_attack_record(record, record_dir, trust=trust)
 
 
-def defend(defense, record, model=None, options=None, save=False, record_dir="record"):
+def defend(defense, record, model=None, options=None, save=False, record_dir=None):
     """Run `defense` on `record` and return a DefenseResult (defended model, metrics before and after, summary).
     `model`: the record's model spec, required for a record of your own model (it runs your code); `save`: keep the
     outputs under <record>/defense/<defense>/ as the command line does (default: nothing is written)."""
     script = defense_script(defense)
-    argv = ["--result_file", str(record), "--record_dir", str(record_dir), "--progress", "false"]
+    argv = ["--result_file", str(record), "--progress", "false"]
+    argv += ["--record_dir", str(record_dir)] if record_dir else []
     argv += ["--model", model] if model else []
     args = parse_defense_args(script.build_parser(), argv + option_argv(options), defense)
     if getattr(script, "check_args", None) is not None:
@@ -79,9 +87,10 @@ def make_record(folder, **pieces):
 
 def defend_own_model(defense, *, model=None, weights=None, model_file=None, trust_model_file=False, mean=None,
                      std=None, clean_data, trigger=None, poisoned_folder=None, target, img_size=None, options=None,
-                     dataset_path="data"):
+                     dataset_path=None):
     """Your own model, data and trigger straight into `defense`: the record is built in a temporary folder and
     removed with everything the defense wrote; returns the DefenseResult."""
+    dataset_path = dataset_path or _default("config/own_model/config.yaml", "dataset_path")
     with tempfile.TemporaryDirectory(prefix="own-record-") as scratch:
         folder, spec = make_own_record(Path(scratch) / "own_model", model=model, weights=weights,
                                        model_file=model_file, trust_model_file=trust_model_file,
