@@ -110,8 +110,8 @@ def main(argv=None):
         _, defended_head = classifier_head(defended, num_classes, None)
         result["poisoned_mean_cosine_to_class_means"][name] = similarity_to_classes(defended, defended_head, setup)
         result.setdefault("head_row_cosine_to_backdoored", {})[name] = [  # -1: a row turned to its opposite
-            round(float(c), 4) for c in F.cosine_similarity(defended_head.weight.float().flatten(1),
-                                                          head.weight.float().flatten(1), dim=1)]
+            round(float(c), 4) for c in F.cosine_similarity(defended_head.weight.detach().float().flatten(1),
+                                                          head.weight.detach().float().flatten(1), dim=1)]
     out = setup.record.folder / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "backdoor_location.json", result)
