@@ -213,7 +213,7 @@ class TrainingRecipe:
         if self.lr_scheduler == "CosineAnnealingLR":
             # BackdoorBench steps CosineAnnealingLR(T_max=epochs) once per epoch
             epoch = step // steps_per_epoch
-            return 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+            return 0.5 * (1 + math.cos(math.pi * epoch / max(self.epochs, 1)))  # LambdaLR asks at step 0 even for 0 epochs
         return 1.0
 
 
