@@ -52,7 +52,8 @@ def test_defense_job_command_and_yaml(tmp_path):
     assert job.command[-2:] == ["--eval_every", "5"]
     assert job.command[job.command.index("--yaml_path") + 1] == "config/defense/ulrl/cifar10.yaml"
     assert job.result == tmp_path.resolve() / "badnet_cpu" / "defense" / "ulrl" / "summary.json"
-    assert defense_yaml("ft", "mnist") == "config/defense/ft/config.yaml"
+    assert defense_yaml("ft", "mnist") == "config/defense/ft/mnist.yaml"
+    assert defense_yaml("ft", "an_image_folder") == "config/defense/ft/config.yaml"  # no YAML of its own
     with pytest.raises(UserError, match="unknown defense"):
         defense_job("nonexistent", "r", tmp_path, tmp_path)
 
