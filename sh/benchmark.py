@@ -5,6 +5,7 @@ defense, and scores its verdicts against BackdoorBench's leaderboard.
     python sh/benchmark.py --scale proxy      # PreAct-ResNet18 at 1/4 width, 5-epoch recipe: the CPU proxy
     python sh/benchmark.py --scale cpu        # airbench_cpu, 18 epochs: a small network (its verdicts disagree)
     python sh/benchmark.py --scale paper      # PreAct-ResNet18, 100-epoch attacks: for a GPU machine
+    python sh/benchmark.py --scale paper --epochs 1 --dataset_path toy_data --record_dir toy   # a smoke test
     python sh/benchmark.py --scale proxy --seeds 0 --attacks badnet blended --defenses none ft anp clp
     python sh/benchmark.py --scale paper --executor slurm --slurm_config my_cluster.yaml   # on a cluster
     python sh/benchmark.py --scale proxy --recipe config/attack/prototype/proxy_candidates/c1_onecycle_lr0.2.yaml
@@ -19,6 +20,9 @@ machine, wall time); the summary is printed at the end. --recipe trains the atta
 record/benchmark/<scale>_<stem>/, so candidates never mix. Every defense runs at its config/defense/<name>/cifar10.yaml.
 The leaderboard (resource/leaderboard/cifar10.md, or --leaderboard) scores every cell that it holds: a cell agrees
 when both say the same about the defended ASR (at most 20%: removes). Defenses not on it are reported, not scored.
+Expected time at paper scale (an estimate from the model's cost, not measured here): about 20 minutes per attack
+record on one A100/H100-class GPU, so 6 attacks x 3 seeds in about 6 hours plus the defenses; on 2 CPU cores,
+weeks. --epochs and --dataset_path shrink any scale for a smoke test (its tables then say so).
 With --executor slurm the attacks go to SLURM as one job array, then the defenses as a second (submitit; resources
 from config/executor/slurm.yaml, --slurm_config, --slurm_*); the driver waits for each and writes the same outputs.
 """
@@ -62,15 +66,16 @@ def record_name(attack, scale, seed, variant=None):
     return base if seed == 0 else f"{base}_seed{seed}"
 
 
-def attack_job(attack, scale, seed, record_dir, log_dir, recipe=None):
-    """The attack's run at `scale` (its prototype YAML, or `recipe`, a candidate's, which names the record too)."""
+def attack_job(attack, scale, seed, record_dir, log_dir, recipe=None, extra=()):
+    """The attack's run at `scale` (its prototype YAML, or `recipe`, a candidate's, which names the record too);
+    `extra`: further options (--epochs, --dataset_path of a smoke test)."""
     script = REPO_ROOT / ATTACKS.lookup(attack).script
     name = record_name(attack, scale, seed, Path(recipe).stem if recipe else None)
     command = [sys.executable, str(script), "--yaml_path", recipe or SCALES[scale][0],
                "--bd_yaml_path", attack_yaml(attack, scale),
                "--save_folder_name", name, "--record_dir", str(Path(record_dir).resolve()), "--dataset", DATASET,
                "--attack_target", "0", "--pratio", "0.1", "--attack_label_trans", "all2one", "--progress", "False",
-               "--random_seed", str(seed)]
+               "--random_seed", str(seed), *map(str, extra)]
     return Job(name=f"attack {name}", command=command, log=Path(log_dir) / f"attack_{name}.log",
                result=Path(record_dir).resolve() / name / "attack_result.pt")
 
@@ -105,6 +110,10 @@ def main(argv=None):
     parser.add_argument("--record_dir", default="record")
     parser.add_argument("--out", help="default: <record_dir>/benchmark/<scale>[_<recipe stem>]")
     parser.add_argument("--timeout", type=float, help="seconds after which one attack or defense run is stopped")
+    parser.add_argument("--epochs", type=int, help="train every attack this many epochs instead of its recipe's "
+                        "(a smoke test; the tables say so)")
+    parser.add_argument("--dataset_path", help="folder holding cifar10/ for attacks and defenses (default: their "
+                        "configs', data)")
     add_executor_options(parser)
     args = parser.parse_args(argv)
     slurm = slurm_settings(args) if args.executor == "slurm" else None
@@ -117,12 +126,14 @@ def main(argv=None):
 
     leaderboard = read_leaderboard(args.leaderboard)  # a bad file stops here, before hours of training
 
-    attack_report = run_jobs([attack_job(a, args.scale, seed, args.record_dir, logs, args.recipe)
+    data = ["--dataset_path", args.dataset_path] if args.dataset_path else []
+    attack_extra = data + (["--epochs", args.epochs] if args.epochs is not None else [])
+    attack_report = run_jobs([attack_job(a, args.scale, seed, args.record_dir, logs, args.recipe, attack_extra)
                               for seed in args.seeds for a in args.attacks], timeout=args.timeout, slurm=slurm,
                              dry_run=args.dry_run)
     records = {seed: {a: Path(args.record_dir) / record_name(a, args.scale, seed, variant) for a in args.attacks}
                for seed in args.seeds}
-    jobs = [defense_job(d, folder.name, args.record_dir, logs, DATASET)
+    jobs = [defense_job(d, folder.name, args.record_dir, logs, DATASET, data)
             for by_attack in records.values() for folder in by_attack.values()
             if args.dry_run or (folder / "attack_result.pt").is_file() for d in args.defenses if d != "none"]
     defense_report = run_jobs(jobs, timeout=args.timeout, slurm=slurm, dry_run=args.dry_run)
@@ -133,10 +144,15 @@ def main(argv=None):
     write_report(report, logs)
 
     wall = time.perf_counter() - started
-    info = {"scale": args.scale, "recipe": args.recipe or SCALES[args.scale][0],
+    info = {"scale": args.scale, "recipe": args.recipe or SCALES[args.scale][0], "epochs": args.epochs,
+            "dataset_path": args.dataset_path,
             "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
             "wall_seconds_this_invocation": wall, "attacks": args.attacks, "defenses": args.defenses, "seeds": args.seeds}
     label = SCALES[args.scale][1] + (f", recipe {args.recipe}" if args.recipe else "")
+    shrunk = ([f"{args.epochs} attack epochs"] if args.epochs is not None else []) + (
+        [f"data from {args.dataset_path}"] if args.dataset_path else [])
+    if shrunk:
+        label += f"; SMOKE TEST, not this scale: {', '.join(shrunk)}"
     title = (f"Scale: {label}. CIFAR-10, all-to-one target 0, 10% poisoning, attack seeds "
              f"{' '.join(map(str, args.seeds))}; {info['date']}, {info['machine']}")
     runs = collect_seeds(records, args.defenses)

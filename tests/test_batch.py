@@ -164,3 +164,20 @@ def test_benchmark_recipe_names_the_candidates_records_and_outputs(tmp_path):
     missing = run_script("sh/benchmark.py", "--scale", "proxy", "--recipe", "no/such.yaml", "--record_dir", tmp_path,
                          timeout=300)
     assert missing.returncode != 0 and "--recipe no/such.yaml: no such file" in missing.stderr
+
+
+def test_paper_scale_runs_unchanged_at_a_toy_size(tmp_path):
+    """The paper-scale command itself (PreAct-ResNet18, BackdoorBench's recipe) on a synthetic CIFAR-10 of 200
+    training images for one epoch: records, defenses, the table, its score, and a label saying it is a smoke test."""
+    from helpers import write_synthetic_cifar10
+    write_synthetic_cifar10(tmp_path / "data" / "cifar10")
+    result = run_script("sh/benchmark.py", "--scale", "paper", "--epochs", "1", "--dataset_path", tmp_path / "data",
+                        "--seeds", "0", "--attacks", "badnet", "--defenses", "none", "clp",
+                        "--record_dir", tmp_path / "record", timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "record" / "badnet_paper" / "attack_result.pt").is_file()
+    assert (tmp_path / "record" / "badnet_paper" / "defense" / "clp" / "summary.json").is_file()
+    assert "Scale: paper (PreAct-ResNet18" in result.stdout and "SMOKE TEST, not this scale: 1 attack epochs" in result.stdout
+    assert "of 1 verdicts agree" in result.stdout  # badnet x clp is a leaderboard cell
+    info = json.loads((tmp_path / "record" / "benchmark" / "paper" / "benchmark.json").read_text())
+    assert info["epochs"] == 1 and info["scale"] == "paper"
