@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.config import none_or_str, require_at_least, str2bool
+from utils.config import none_or_str, require, require_at_least, require_in, str2bool
 from utils.defense_run import run_defense
 from utils.defense_setup import defense_parser
 from utils.errors import UserError, run_cli
@@ -27,7 +27,8 @@ from utils.models import classifier_head
 from utils.outliers import anomaly_index
 from utils.reporting import write_table
 from utils.precision import autocast, grad_scaler
-from utils.training import train_epoch
+from utils.selection import largest_within_tolerance
+from utils.training import accuracy, eval_mode, predict, train_epoch
 from utils.unlearning import UnlearningRule, neuron_weight_change, unlearn as unlearn_until_forgotten
 
 DEFENSE = "ulrl"
@@ -61,6 +62,12 @@ def build_parser():
         help="score the head's rows (reference) or the output channels of every conv/linear layer")
     add("--extra_bn_update", type=str2bool,
         help="after each relearning step, one more train-mode forward pass (the reference's BatchNorm update)")
+    add("--prune_shares", type=float, nargs="*",
+        help="feature pruning (not in the reference): candidate shares of all conv channels to prune, ranked by "
+             "their contribution to the unlearned model's target logit on the clean subset; none: no pruning")
+    add("--prune_tolerance", type=float,
+        help="feature pruning: the largest share whose clean-subset accuracy stays within this of the backdoored "
+             "model's is pruned")
     return parser
 
 
@@ -181,8 +188,95 @@ def relearn(run, model, originals):
     return rows
 
 
+# ---------------------------------------------------------------- feature pruning (an option, not the reference's)
+# Head-only re-initialisation leaves a backdoor that lives in the features (docs/defenses.md, "ULRL: where its
+# accuracy goes"). The unlearned model predicts the attack's target class for almost every clean image, so the conv
+# channels that drive that logit there are the backdoor's feature channels; they are found with clean data alone.
+
+def unlearned_target(model, data):
+    """The class the unlearned model predicts most often on the clean subset."""
+    predictions, _ = predict(model, data)
+    return int(torch.bincount(predictions.cpu()).argmax())
+
+
+def target_contributions(model, data, target, batch_size=256):
+    """{conv layer name: per-output-channel mean over `data` of activation x d(target logit)/d(activation)}, the
+    first-order share of each channel in the target logit, in float32 and eval mode."""
+    convs = {name: module for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
+    if not convs:
+        return {}
+    outputs = {}
+    hooks = [module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+             for name, module in convs.items()]
+    totals = {name: 0.0 for name in convs}
+    with eval_mode(model, hooks=hooks):
+        for x, _ in data.batches(batch_size):
+            outputs.clear()
+            logits = model(x)
+            grads = torch.autograd.grad(logits[:, target].sum(), [outputs[name] for name in convs])
+            for name, grad in zip(convs, grads):
+                totals[name] = totals[name] + (outputs[name] * grad).sum((0, 2, 3)).detach().float()
+    model.zero_grad(set_to_none=True)
+    return {name: total / len(data) for name, total in totals.items()}
+
+
+def channel_ranking(contributions):
+    """[(layer, channel)] of every conv channel by decreasing contribution (stable on ties)."""
+    entries = [(float(value), name, channel) for name, values in contributions.items()
+               for channel, value in enumerate(values.cpu().tolist())]
+    order = sorted(range(len(entries)), key=lambda i: -entries[i][0])
+    return [(entries[i][1], entries[i][2]) for i in order]
+
+
+def zero_channels(model, channels):
+    """Zero the output-channel weights (and biases) of `channels` [(conv name, channel)] and keep them zero while
+    training: hooks zero their gradients. Returns the hook handles (remove them when training is over)."""
+    modules = dict(model.named_modules())
+    by_layer = {}
+    for name, channel in channels:
+        by_layer.setdefault(name, []).append(channel)
+    handles = []
+    with torch.no_grad():
+        for name, rows in by_layer.items():
+            module = modules[name]
+            index = torch.tensor(rows, device=module.weight.device)
+            for parameter in (module.weight, module.bias):
+                if parameter is None:
+                    continue
+                parameter[index] = 0.0
+                keep = torch.ones_like(parameter)
+                keep[index] = 0.0
+                handles.append(parameter.register_hook(lambda grad, keep=keep: grad * keep))
+    return handles
+
+
+def choose_pruning(run, ranking):
+    """The largest --prune_shares share of the ranked channels whose zeroing keeps the backdoored model's accuracy
+    on the clean subset within --prune_tolerance of its own (clean data only). Returns the channels and the rows."""
+    args, setup = run.args, run.setup
+    model = setup.fresh_backdoored_model()
+    baseline = accuracy(model, setup.clean_subset)
+    counts = [round(share * len(ranking)) for share in args.prune_shares]
+    accuracies = []
+    for count in counts:
+        trial = setup.fresh_backdoored_model()
+        for handle in zero_channels(trial, ranking[:count]):
+            handle.remove()
+        accuracies.append(accuracy(trial, setup.clean_subset))
+    chosen = largest_within_tolerance(counts, accuracies, baseline, args.prune_tolerance) or 0
+    rows = [{"share": share, "channels": count, "clean_subset_acc": acc, "chosen": count == chosen}
+            for share, count, acc in zip(args.prune_shares, counts, accuracies)]
+    run.logger.info(f"feature pruning: clean-subset accuracy {baseline:.4f} unpruned; "
+                    + ", ".join(f"{row['channels']} channels {row['clean_subset_acc']:.4f}" for row in rows)
+                    + f"; pruning {chosen} (tolerance {args.prune_tolerance})")
+    return ranking[:chosen], rows
+
+
 def check_args(args):
     require_at_least(args, 0, "unlearning_epochs", "relearn_epochs")
+    for share in args.prune_shares or []:
+        require(0 < share < 1, f"--prune_shares must lie in (0, 1), got {share}")
+    require_in(args, "prune_tolerance", "[0, 1]")
 
 
 def defend(run):
@@ -194,13 +288,24 @@ def defend(run):
         selected, score_table = select_neurons(layers, weights_before, args, run.logger)
     write_table(score_table, run.path / "neuron_scores.csv")
     run.summary.update(selected=selected, unlearning_epochs_run=len(run.epoch_tables["unlearn_df"]))
+    pruned = []
+    if args.prune_shares:
+        with run.phase("prune"):
+            target = unlearned_target(setup.model, setup.clean_subset)
+            ranking = channel_ranking(target_contributions(setup.model, setup.clean_subset, target))
+            pruned, pruning_table = choose_pruning(run, ranking)
+        write_table(pruning_table, run.path / "pruning.csv")
+        run.summary.update(unlearned_target=target, pruned_channels=len(pruned))
 
     with run.phase("relearn"):
         model = setup.fresh_backdoored_model()  # the unlearned model is discarded; only the selection is kept
         originals = reinitialise(model, selected, args)
+        handles = zero_channels(model, pruned)
         if not selected:
             run.logger.info("no neuron selected: relearning is plain fine-tuning")
         run.add_epoch_table("relearn_df", relearn(run, model, originals))
+        for handle in handles:
+            handle.remove()
     return model
 
 

@@ -134,3 +134,65 @@ def test_select_neurons_per_layer_finds_the_moved_channel():
     assert selected == {"fc": [3]}
     assert len(table) == 4 + 5
     assert [row["neuron"] for row in table if row["selected"]] == [3]
+
+
+# ---------------------------------------------------------------- feature pruning (an option)
+
+def test_target_contributions_are_activation_times_gradient():
+    from fakes import small_data, tiny
+    model, data = tiny(), small_data(count=10)
+    contributions = ulrl.target_contributions(model, data, target=2, batch_size=4)
+    assert list(contributions) == ["conv"] and contributions["conv"].shape == (4,)
+    # by hand: one image at a time, the conv output's channel sum of a * d(logit_2)/da, averaged
+    expected = torch.zeros(4)
+    for i in range(len(data)):
+        x = data.normalise(data.images[i:i + 1])
+        out = model.conv(x).detach().requires_grad_(True)
+        rest = torch.relu(model.bn(out)).mean((2, 3))
+        logit = model.head(model.plain(torch.relu(model.bn_fc(model.fc(rest)))))[0, 2]
+        (grad,) = torch.autograd.grad(logit, out)
+        expected += (out * grad).sum((0, 2, 3)).detach()
+    assert torch.allclose(contributions["conv"], expected / len(data), atol=1e-5)
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_channel_ranking_orders_every_conv_channel_by_contribution():
+    ranking = ulrl.channel_ranking({"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([2.0, 0.5, 0.1])})
+    assert ranking == [("b", 0), ("a", 0), ("b", 1), ("b", 2), ("a", 1)]
+
+
+def test_zeroed_channels_stay_zero_while_training():
+    from fakes import tiny
+    model = tiny().train()
+    handles = ulrl.zero_channels(model, [("conv", 1), ("conv", 3)])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(6, 3, 8, 8)).sum().backward()
+        optimizer.step()
+    assert model.conv.weight[[1, 3]].abs().sum() == 0 and model.conv.bias[[1, 3]].abs().sum() == 0
+    assert model.conv.weight[[0, 2]].abs().sum() > 0
+    for handle in handles:
+        handle.remove()
+    model.conv.weight.grad = None
+    model(torch.randn(6, 3, 8, 8)).sum().backward()
+    assert model.conv.weight.grad[[1, 3]].abs().sum() > 0  # hooks removed: the channels are free again
+
+
+def test_unlearned_target_is_the_most_predicted_class():
+    from fakes import small_data
+    data = small_data(count=9)
+
+    class Always(nn.Module):
+        def forward(self, x):
+            return torch.tensor([0.0, 0.0, 1.0]).expand(len(x), 3)
+
+    assert ulrl.unlearned_target(Always(), data) == 2
+
+
+def test_bad_prune_shares_are_one_clear_error():
+    from types import SimpleNamespace
+    from utils.errors import UserError
+    args = SimpleNamespace(unlearning_epochs=1, relearn_epochs=1, prune_shares=[0.1, 1.5], prune_tolerance=0.02)
+    with pytest.raises(UserError, match="prune_shares"):
+        ulrl.check_args(args)
