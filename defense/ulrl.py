@@ -222,10 +222,9 @@ def target_contributions(model, data, target, batch_size=256):
 
 def channel_ranking(contributions):
     """[(layer, channel)] of every conv channel by decreasing contribution (stable on ties)."""
-    entries = [(float(value), name, channel) for name, values in contributions.items()
+    entries = [(value, name, channel) for name, values in contributions.items()
                for channel, value in enumerate(values.cpu().tolist())]
-    order = sorted(range(len(entries)), key=lambda i: -entries[i][0])
-    return [(entries[i][1], entries[i][2]) for i in order]
+    return [(name, channel) for _value, name, channel in sorted(entries, key=lambda entry: -entry[0])]
 
 
 def zero_channels(model, channels):

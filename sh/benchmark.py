@@ -22,7 +22,7 @@ The leaderboard (resource/leaderboard/cifar10.md, or --leaderboard) scores every
 when both say the same about the defended ASR (at most 20%: removes). Defenses not on it are reported, not scored.
 Expected time at paper scale (an estimate from the model's cost, not measured here): about 20 minutes per attack
 record on one A100/H100-class GPU, so 6 attacks x 3 seeds in about 6 hours plus the defenses; on 2 CPU cores,
-weeks. --epochs and --dataset_path shrink any scale for a smoke test (its tables then say so).
+weeks. --epochs shrinks any scale to a smoke test (its tables then say so); --dataset_path says where cifar10/ is.
 With --executor slurm the attacks go to SLURM as one job array, then the defenses as a second (submitit; resources
 from config/executor/slurm.yaml, --slurm_config, --slurm_*); the driver waits for each and writes the same outputs.
 """
@@ -149,10 +149,8 @@ def main(argv=None):
             "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
             "wall_seconds_this_invocation": wall, "attacks": args.attacks, "defenses": args.defenses, "seeds": args.seeds}
     label = SCALES[args.scale][1] + (f", recipe {args.recipe}" if args.recipe else "")
-    shrunk = ([f"{args.epochs} attack epochs"] if args.epochs is not None else []) + (
-        [f"data from {args.dataset_path}"] if args.dataset_path else [])
-    if shrunk:
-        label += f"; SMOKE TEST, not this scale: {', '.join(shrunk)}"
+    if args.epochs is not None:
+        label += f"; SMOKE TEST, not this scale: {args.epochs} attack epochs"
     title = (f"Scale: {label}. CIFAR-10, all-to-one target 0, 10% poisoning, attack seeds "
              f"{' '.join(map(str, args.seeds))}; {info['date']}, {info['machine']}")
     runs = collect_seeds(records, args.defenses)
