@@ -74,15 +74,16 @@ def test_shipped_ulrl_configs_hold_the_reference_values_but_the_clean_share():
     from helpers import load_script
     from utils.defense_setup import parse_defense_args
     ulrl = load_script("defense/ulrl.py")
-    for name, lr, alpha, ratio in (("config", 0.005, 0.7, 0.05), ("cifar10", 0.005, 0.7, 0.05),
-                                   ("reference", 0.005, 0.7, 0.01), ("cifar100", 0.001, 0.001, 0.05),
-                                   ("gtsrb", 0.001, 0.001, 0.05), ("tiny", 0.001, 0.001, 0.05)):
+    for name, lr, alpha, ratio, scope in (("config", 0.005, 3.0, 0.05, "all"), ("cifar10", 0.005, 3.0, 0.05, "all"),
+                                          ("reference", 0.005, 0.7, 0.01, "head"),
+                                          ("cifar100", 0.001, 0.001, 0.05, "all"), ("gtsrb", 0.001, 0.001, 0.05, "all"),
+                                          ("tiny", 0.001, 0.001, 0.05, "all")):
         args = parse_defense_args(ulrl.build_parser(), ["--result_file", "x", "--yaml_path",
                                                         f"config/defense/ulrl/{name}.yaml"], "ulrl")
         assert (args.relearn_lr, args.relearn_alpha) == (lr, alpha)
         assert args.unlearning_epochs == 20 and args.relearn_epochs == 20 and args.steplr_milestones == [10, 20]
         assert args.clean_threshold == 0.2 and args.ratio == ratio and args.init is True and args.amp == "auto"
-        assert args.selection == "first" and args.max_neurons == 2 and args.scope == "head"
+        assert args.selection == "first" and args.max_neurons == 2 and args.scope == scope
     overridden = parse_defense_args(ulrl.build_parser(), ["--result_file", "x", "--init", "False",
                                                           "--steplr_milestones", "3", "6"], "ulrl")
     assert overridden.init is False and overridden.steplr_milestones == [3, 6]

@@ -20,10 +20,10 @@ def test_rows_vary_one_option_each_and_skip_the_configs_own_value(world, capsys)
     common = ["--set", "dataset=cifar10", f"dataset_path={world / 'data'}", "device=cpu", "ratio=0.5",
               "unlearning_epochs=1", "relearn_epochs=1", "eval_limit=20"]
     code = sensitivity.main(["--result_file", "tiny", "--record_dir", str(world / "records"),
-                             "--vary", "relearn_alpha=0.7,2", "prune_shares=0.05", *common])
+                             "--vary", "relearn_alpha=3,2", "prune_shares=0.05", *common])
     assert code == 0
     table = pd.read_csv(world / "records" / "tiny" / "analysis" / "sensitivity_ulrl.csv")
-    assert list(table["run"]) == ["config", "relearn_alpha=2", "prune_shares=0.05"]  # 0.7 is the config's
+    assert list(table["run"]) == ["config", "relearn_alpha=2", "prune_shares=0.05"]  # 3 is the config's
     assert table["acc"].between(0, 1).all() and table["asr"].between(0, 1).all()
     text = (world / "records" / "tiny" / "analysis" / "sensitivity_ulrl.md").read_text()
     assert text.startswith("Analysis (reads the test sets (first 20 test images of each set))")
