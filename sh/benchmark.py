@@ -45,7 +45,8 @@ from utils.leaderboard import read_leaderboard  # noqa: E402
 from utils.slurm import add_executor_options, slurm_settings  # noqa: E402
 
 SCALES = {  # scale -> the prototype YAML (training recipe) of its attacks, and the label its tables carry
-    "proxy": ("config/attack/prototype/cifar10_proxy.yaml", "proxy (PreAct-ResNet18 at 1/4 width, 5 epochs, cosine lr 0.02)"),
+    "proxy": ("config/attack/prototype/cifar10_proxy.yaml",
+              "proxy (PreAct-ResNet18 at 1/4 width, cosine lr 0.02, 5 epochs; WaNet 12, BPP 10, Input-aware 8)"),
     "cpu": ("config/attack/prototype/cifar10_cpu.yaml", "cpu, a small network (airbench_cpu, 18-epoch CPU recipe)"),
     "paper": ("config/attack/prototype/cifar10.yaml", "paper (PreAct-ResNet18, BackdoorBench's 100-epoch recipe)"),
 }

@@ -225,7 +225,7 @@ def write_benchmark(runs, summary, leaderboard, folder, title=""):
     cells.drop(columns=["verdicts"], errors="ignore").to_csv(folder / "leaderboard_score.csv", index=False)
     disagreeing = {(row.attack, row.defense) for row in cells.itertuples() if not row.agrees}
     heatmap(summary[summary["defense"] != "none"], folder / "asr_heatmap.png",
-            "ASR after defense (mean over seeds); blue frame: verdict differs from the leaderboard", disagreeing)
+            "ASR after defense (mean over seeds)\nblue frame: verdict differs from the leaderboard", disagreeing)
     text = summary_markdown(summary, title) + "\n" + "\n".join(score_lines(cells, correlations, leaderboard)) + "\n"
     (folder / "summary.md").write_text(text)
     return text
